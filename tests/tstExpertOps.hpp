@@ -1,0 +1,321 @@
+// tstExpertOps.hpp: ESMM, ESS and ESTMM against an independent float64 dense
+// reference, for float, bfloat16 and double storage.
+//
+// Error bound (asserted per element): the operands are drawn in float64 and
+// stored in T (unit roundoff u_s: 2^-24 float, 2^-9 bfloat16, 2^-53 double),
+// accumulated in Acc (u_a: 2^-24 float, 2^-53 double) over K terms, and the
+// result is stored in T again. Hence
+//   |y - y_ref| <= L * ((2 u_s + (K + 2) u_a) * sum_k |x_k w_k| + u_s |y_ref|) + 8 u_a |y_ref|
+// with L = 1.2 bounding |act'| (gelu, silu, relu) when an activation is applied.
+#include "Reference.hpp"
+#include "core/Estmm.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+
+namespace {
+
+using namespace hexamoe;
+using test::Vec;
+using Space = TEST_EXECSPACE;
+using Mem = TEST_MEMSPACE;
+template <class T>
+using V2 = Kokkos::View<T **, Kokkos::LayoutRight, Mem>;
+template <class T>
+using V3 = Kokkos::View<T ***, Kokkos::LayoutRight, Mem>;
+
+template <class T>
+double storage_roundoff() {
+  if constexpr (std::is_same_v<T, double>) return std::ldexp(1.0, -53);
+  if constexpr (std::is_same_v<T, float>) return std::ldexp(1.0, -24);
+  return std::ldexp(1.0, -9);
+}
+template <class T>
+double acc_roundoff() {
+  return std::is_same_v<T, double> ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
+}
+
+struct Shape {
+  int T, k, E, K, N;
+  bool skewed;
+};
+
+// Compare value by value against the reference and its bound; count failures.
+template <class T>
+void expect_within(Vec const &got, Vec const &ref, Vec const &abssum, int K, double lip, char const *what) {
+  double const us = storage_roundoff<T>(), ua = acc_roundoff<T>();
+  int bad = 0;
+  double worst = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    double const bound = lip * ((2 * us + (K + 2) * ua) * abssum[i] + us * std::fabs(ref[i])) + 8 * ua * std::fabs(ref[i]) + 1e-300;
+    double const err = std::fabs(got[i] - ref[i]);
+    if (!(err <= bound)) {
+      if (bad < 5) ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", reference " << ref[i] << ", bound " << bound;
+      ++bad;
+    }
+    worst = std::max(worst, err / (bound > 0 ? bound : 1));
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size() << " elements outside the bound";
+}
+
+template <class T>
+struct Problem {
+  using Acc = accumulator_t<T>;
+  Shape s;
+  std::vector<int> ids;
+  Vec x, w, b, g, dy;  // float64 operands as drawn
+  RoutingIndex<Mem> R;
+  V2<T> x_d, dy_d;
+  V3<T> w_d;
+  V2<T> b_d;
+  Kokkos::View<Acc *, Mem> g_d;
+  std::vector<int> pos;  // sorted position of every flat id
+
+  explicit Problem(Shape sh, unsigned seed) : s(sh) {
+    std::mt19937 rng(seed);
+    ids = test::random_routing(s.T, s.k, s.E, rng, s.skewed);
+    x = test::random_vec(std::size_t(s.T) * s.K, rng);
+    w = test::random_vec(std::size_t(s.E) * s.K * s.N, rng, 1.0 / std::sqrt(double(s.K)));
+    b = test::random_vec(std::size_t(s.E) * s.N, rng, 0.1);
+    dy = test::random_vec(std::size_t(s.T) * s.N, rng);
+    std::uniform_real_distribution<double> u(0.05, 1.0);
+    g.resize(std::size_t(s.T) * s.k);
+    for (auto &v : g) v = static_cast<double>(static_cast<Acc>(u(rng)));
+    Kokkos::View<int **, Kokkos::LayoutRight, Mem> ids_d("ids", s.T, s.k);
+    auto h = Kokkos::create_mirror_view(ids_d);
+    for (std::size_t i = 0; i < ids.size(); ++i) h.data()[i] = ids[i];
+    Kokkos::deep_copy(ids_d, h);
+    R = build_routing_index(Space(), Kokkos::View<int const **, Kokkos::LayoutRight, Mem>(ids_d), s.E);
+    auto ph = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), R.position);
+    pos.assign(ph.data(), ph.data() + ph.extent(0));
+    x_d = test::to_view<T>(x, V2<T>("x", s.T, s.K));
+    dy_d = test::to_view<T>(dy, V2<T>("dy", s.T, s.N));
+    w_d = test::to_view<T>(w, V3<T>("w", s.E, s.K, s.N));
+    b_d = test::to_view<T>(b, V2<T>("b", s.E, s.N));
+    g_d = test::to_view<Acc>(g, Kokkos::View<Acc *, Mem>("g", g.size()));
+  }
+  int S() const { return s.T * s.k; }
+  double W(int e, int kk, int n) const { return w[(std::size_t(e) * s.K + kk) * s.N + n]; }
+};
+
+template <class T>
+void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
+  Problem<T> P(sh, seed);
+  int const S = P.S(), K = sh.K, N = sh.N;
+  V2<T> pre("pre", S, N), post("post", S, N);
+  test::poison<T>(pre);
+  test::poison<T>(post);
+  EsmmEpilogue<T, Mem> ep;
+  ep.act = act;
+  ep.pre = pre;
+  ep.post = post;
+  esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep);
+  Vec got_pre = test::from_view(pre), got_post = test::from_view(post);
+  Vec ref_pre(std::size_t(S) * N), ref_post(ref_pre.size()), abssum(ref_pre.size());
+  Vec rpre(ref_pre.size()), rpost(ref_pre.size());
+  for (int f = 0; f < S; ++f) {
+    int const t = f / sh.k, e = P.ids[f], p = P.pos[f];
+    for (int n = 0; n < N; ++n) {
+      double z = P.b[std::size_t(e) * N + n], a = std::fabs(z);
+      for (int kk = 0; kk < K; ++kk) {
+        z += P.x[std::size_t(t) * K + kk] * P.W(e, kk, n);
+        a += std::fabs(P.x[std::size_t(t) * K + kk] * P.W(e, kk, n));
+      }
+      std::size_t const i = std::size_t(p) * N + n;
+      rpre[i] = z;
+      rpost[i] = test::act_ref(act, z);
+      abssum[i] = a;
+    }
+  }
+  expect_within<T>(got_pre, rpre, abssum, K, 1.0, "esmm pre-activation");
+  expect_within<T>(got_post, rpost, abssum, K, 1.2, "esmm post-activation");
+}
+
+// Backward shape: sorted rows (z-like [S, K]) times W^T ([E, N, K] read as
+// [E, K, N]^T... here W is [E, K, N] so W^T maps N -> K), then times act'(z).
+template <class T>
+void run_esmm_transposed_actgrad(Shape sh, unsigned seed) {
+  Problem<T> P(sh, seed);
+  int const S = P.S(), K = sh.K, N = sh.N;
+  std::mt19937 rng(seed + 100);
+  Vec xs = test::random_vec(std::size_t(S) * N, rng);  // sorted rows with N columns
+  Vec zs = test::random_vec(std::size_t(S) * K, rng);  // act' arguments
+  V2<T> xs_d = test::to_view<T>(xs, V2<T>("xs", S, N));
+  V2<T> zs_d = test::to_view<T>(zs, V2<T>("zs", S, K));
+  V2<T> out("out", S, K);
+  test::poison<T>(out);
+  EsmmEpilogue<T, Mem> ep;
+  ep.act = Activation::gelu;
+  ep.act_grad_of = zs_d;
+  ep.pre = out;
+  esmm(Space(), P.R, sorted_rows(V2<T const>(xs_d)), V3<T const>(P.w_d), true, V2<T const>(), ep);
+  Vec got = test::from_view(out), ref(got.size()), abssum(got.size());
+  Vec zr = test::rounded<T>(zs);
+  for (int p = 0; p < S; ++p) {
+    int const f = test::from_view(Kokkos::subview(P.R.sorted_flat, std::make_pair(p, p + 1)))[0];
+    int const e = P.ids[f];
+    for (int kk = 0; kk < K; ++kk) {
+      double v = 0, a = 0;
+      for (int n = 0; n < N; ++n) {
+        v += xs[std::size_t(p) * N + n] * P.W(e, kk, n);
+        a += std::fabs(xs[std::size_t(p) * N + n] * P.W(e, kk, n));
+      }
+      double const zz = zr[std::size_t(p) * K + kk];
+      double const d = 0.5 * (1 + std::erf(zz / std::sqrt(2.0))) + zz * std::exp(-0.5 * zz * zz) / std::sqrt(2 * M_PI);
+      ref[std::size_t(p) * K + kk] = v * d;
+      // act' (terms of size <= 1) is evaluated in Acc: its absolute error counts against |v|.
+      abssum[std::size_t(p) * K + kk] = a * std::fabs(d) + std::fabs(v);
+    }
+  }
+  expect_within<T>(got, ref, abssum, N, 1.0, "esmm transposed x act'");
+}
+
+// Top-1 fused combine: y[t] = g[t] * act(x[t] W[e_t] + b[e_t]), each row written once.
+template <class T>
+void run_esmm_token_out(Shape sh, unsigned seed) {
+  sh.k = 1;
+  Problem<T> P(sh, seed);
+  int const K = sh.K, N = sh.N;
+  V2<T> y("y", sh.T, N);
+  test::poison<T>(y);
+  EsmmEpilogue<T, Mem> ep;
+  ep.act = Activation::relu;
+  ep.token_out = y;
+  ep.token_gate = P.g_d;
+  esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep);
+  Vec got = test::from_view(y), ref(got.size()), abssum(got.size());
+  for (int t = 0; t < sh.T; ++t) {
+    int const e = P.ids[t];
+    for (int n = 0; n < N; ++n) {
+      double z = P.b[std::size_t(e) * N + n], a = std::fabs(z);
+      for (int kk = 0; kk < K; ++kk) {
+        z += P.x[std::size_t(t) * K + kk] * P.W(e, kk, n);
+        a += std::fabs(P.x[std::size_t(t) * K + kk] * P.W(e, kk, n));
+      }
+      ref[std::size_t(t) * N + n] = P.g[t] * (z > 0 ? z : 0);
+      abssum[std::size_t(t) * N + n] = P.g[t] * a;
+    }
+  }
+  expect_within<T>(got, ref, abssum, K, 1.2, "esmm fused top-1 combine");
+}
+
+// ESTMM(x gathered, g*dy gathered) with fused ESS, and standalone ESS.
+template <class T>
+void run_estmm(Shape sh, unsigned seed) {
+  using Acc = accumulator_t<T>;
+  Problem<T> P(sh, seed);
+  int const E = sh.E, M = sh.K, N = sh.N, S = P.S();
+  V3<Acc> gw("gw", E, M, N);
+  V2<Acc> gb("gb", E, N), gb2("gb2", E, N);
+  test::poison<Acc>(gw);
+  test::poison<Acc>(gb);
+  test::poison<Acc>(gb2);
+  auto gate = Kokkos::View<Acc const *, Mem>(P.g_d);
+  estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), gated_token_rows(V2<T const>(P.dy_d), gate), gw, gb);
+  ess(Space(), P.R, gated_token_rows(V2<T const>(P.dy_d), gate), gb2);
+  Vec rw(std::size_t(E) * M * N, 0.0), aw(rw.size(), 0.0), rb(std::size_t(E) * N, 0.0), ab(rb.size(), 0.0);
+  std::vector<int> cnt(E, 0);
+  for (int f = 0; f < S; ++f) {
+    int const t = f / sh.k, e = P.ids[f];
+    ++cnt[e];
+    for (int n = 0; n < N; ++n) {
+      double const d = P.g[f] * P.dy[std::size_t(t) * N + n];
+      rb[std::size_t(e) * N + n] += d;
+      ab[std::size_t(e) * N + n] += std::fabs(d);
+      for (int m = 0; m < M; ++m) {
+        rw[(std::size_t(e) * M + m) * N + n] += P.x[std::size_t(t) * M + m] * d;
+        aw[(std::size_t(e) * M + m) * N + n] += std::fabs(P.x[std::size_t(t) * M + m] * d);
+      }
+    }
+  }
+  int const kmax = std::max(1, *std::max_element(cnt.begin(), cnt.end()));
+  expect_within<T>(test::from_view(gw), rw, aw, kmax, 1.0, "estmm");
+  expect_within<T>(test::from_view(gb), rb, ab, kmax, 1.0, "estmm fused ess");
+  expect_within<T>(test::from_view(gb2), rb, ab, kmax, 1.0, "ess");
+  // Experts without assignments must read exactly zero (not uninitialised).
+  auto hw = test::from_view(gw);
+  for (int e = 0; e < E; ++e) {
+    if (cnt[e] != 0) continue;
+    for (int i = 0; i < M * N; ++i) ASSERT_EQ(hw[std::size_t(e) * M * N + i], 0.0) << "empty expert " << e;
+  }
+}
+
+// Shapes: tile-unaligned extents, E = 1, k = E, empty experts, heavy skew.
+std::vector<Shape> const shapes = {
+    {97, 2, 8, 37, 53, false},   // nothing a multiple of a tile
+    {200, 1, 1, 64, 64, false},  // E = 1, aligned extents
+    {60, 4, 4, 19, 130, false},  // k = E
+    {7, 1, 16, 24, 17, true},    // most experts empty
+    {301, 2, 8, 131, 70, true},  // skewed, K past one host chunk
+};
+
+template <class T>
+void run_all(char const *name) {
+  unsigned seed = 1;
+  for (auto const &sh : shapes) {
+    SCOPED_TRACE(std::string(name) + " T=" + std::to_string(sh.T) + " k=" + std::to_string(sh.k) + " E=" +
+                 std::to_string(sh.E) + " K=" + std::to_string(sh.K) + " N=" + std::to_string(sh.N));
+    run_esmm_forward<T>(sh, Activation::gelu, seed++);
+    run_esmm_forward<T>(sh, Activation::silu, seed++);
+    run_esmm_transposed_actgrad<T>(sh, seed++);
+    run_esmm_token_out<T>(sh, seed++);
+    run_estmm<T>(sh, seed++);
+  }
+}
+
+TEST(ExpertOps, Float32AgainstFloat64Reference) { run_all<float>("float"); }
+TEST(ExpertOps, BFloat16AgainstFloat64Reference) { run_all<bfloat16>("bfloat16"); }
+TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
+
+TEST(ExpertOps, RejectsMismatchedExtents) {
+  Problem<float> P({50, 2, 4, 16, 24, false}, 3);
+  V2<float> out("out", P.S(), 24);
+  EsmmEpilogue<float, Mem> ep;
+  ep.pre = out;
+  V2<float> xbad("xbad", 50, 15);
+  auto expect_msg = [](auto f, std::string const &needle) {
+    try {
+      f();
+      ADD_FAILURE() << "no exception, expected one mentioning '" << needle << "'";
+    } catch (std::invalid_argument const &e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_msg([&] { esmm(Space(), P.R, token_rows(V2<float const>(xbad)), V3<float const>(P.w_d), false, V2<float const>(), ep); },
+             "X has 15 columns");
+  V2<float> bbad("bbad", 4, 23);
+  expect_msg([&] { esmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), V3<float const>(P.w_d), false, V2<float const>(bbad), ep); },
+             "bias is [4, 23]");
+  V3<float> wbad("wbad", 3, 16, 24);
+  expect_msg([&] { esmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), V3<float const>(wbad), false, V2<float const>(), ep); },
+             "W has 3 experts");
+  EsmmEpilogue<float, Mem> ep2;
+  ep2.token_out = V2<float>("y", 50, 24);
+  expect_msg([&] { esmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), V3<float const>(P.w_d), false, V2<float const>(), ep2); },
+             "top_k = 1");
+  V3<float> gw("gw", 4, 16, 23);
+  expect_msg([&] { estmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), token_rows(V2<float const>(P.dy_d)), gw); },
+             "output is [4, 16, 23]");
+}
+
+TEST(ExpertOps, BitIdenticalAcrossRuns) {
+  Problem<float> P({513, 2, 8, 70, 90, true}, 21);
+  auto once = [&] {
+    V2<float> out("out", P.S(), 90);
+    V3<float> gw("gw", 8, 70, 90);
+    EsmmEpilogue<float, Mem> ep;
+    ep.act = Activation::gelu;
+    ep.post = out;
+    esmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), V3<float const>(P.w_d), false, V2<float const>(P.b_d), ep);
+    estmm(Space(), P.R, token_rows(V2<float const>(P.x_d)), token_rows(V2<float const>(P.dy_d)), gw);
+    Vec a = test::from_view(out), b = test::from_view(gw);
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  Vec first = once(), second = once();
+  ASSERT_EQ(first.size(), second.size());
+  EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * sizeof(double)));
+}
+
+}  // namespace
