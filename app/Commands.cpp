@@ -1,0 +1,82 @@
+// Commands.cpp: command-line parsing (CLI11) and dispatch to the subcommands.
+#include "app/Commands.hpp"
+
+#include "bench/LayerBench.hpp"
+#include "io/InputError.hpp"
+
+#include <CLI/CLI.hpp>
+#include <Kokkos_Core.hpp>
+#include <mpi.h>
+
+#include <iostream>
+#include <sstream>
+
+#ifndef HEXAMOE_VERSION
+#define HEXAMOE_VERSION "unknown"
+#endif
+
+namespace hexamoe::app {
+
+namespace {
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+std::string version_string() {
+  std::ostringstream s;
+  s << "hexamoe " << HEXAMOE_VERSION << " (Kokkos " << KOKKOS_VERSION / 10000 << "." << KOKKOS_VERSION / 100 % 100 << "."
+    << KOKKOS_VERSION % 100 << ", default execution space " << Kokkos::DefaultExecutionSpace::name() << ")";
+  return s.str();
+}
+
+}  // namespace
+
+int run(int argc, char **argv) {
+  CLI::App cli{"hexamoe: HEXA-MoE Mixture-of-Experts training on Kokkos + MPI"};
+  cli.require_subcommand(1);
+  cli.set_version_flag("--version", version_string());
+  cli.footer("Kokkos options (--kokkos-...) and MPI launchers (mpirun, srun) pass through.");
+
+  bench::BenchOptions bopt;
+  auto *bench_cmd = cli.add_subcommand("bench", "Time the MoE layer (forward, forward+backward) on the Swin-MoE shapes");
+  bench_cmd->add_option("--only", bopt.only, "Shape names (swinS-s3-top1, swinS-s3-top2, swinS-s4-top1, swinB-s3-top1, swinB-s4-top1, e64-top2-skew)");
+  bench_cmd->add_option("--token-scale", bopt.token_scale, "Multiply every shape's token count")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--reps", bopt.reps, "Timed runs per measurement (median reported)")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--warmup", bopt.warmup, "Untimed warm-up runs")->check(CLI::NonNegativeNumber);
+  bench_cmd->add_option("--dtype", bopt.dtypes, "Storage types: float32, bfloat16")
+      ->check(CLI::IsMember({"float32", "bfloat16"}));
+  bench_cmd->add_flag("!--no-baseline", bopt.baseline, "Skip the padded GEMM baseline");
+  bench_cmd->add_option("--capacity-factor", bopt.capacity_factor, "Capacity factor of the padded baseline")
+      ->check(CLI::PositiveNumber);
+  bench_cmd->add_flag("--json", bopt.json, "JSON lines instead of a table");
+
+  try {
+    cli.parse(argc, argv);
+  } catch (CLI::ParseError const &e) {
+    // Every rank parses the same arguments, so every rank exits alike.
+    int const code = cli.exit(e, world_rank() == 0 ? std::cout : std::cerr, world_rank() == 0 ? std::cerr : std::cerr);
+    return code == 0 ? 0 : 2;
+  }
+
+  try {
+    if (*bench_cmd) {
+      std::ostringstream sink;
+      return bench::run_layer_bench(bopt, world_rank() == 0 ? std::cout : sink);
+    }
+  } catch (InputError const &e) {
+    std::cerr << "hexamoe: error: " << e.what() << std::endl;
+    return 2;
+  } catch (std::invalid_argument const &e) {
+    std::cerr << "hexamoe: error: " << e.what() << std::endl;
+    return 2;
+  } catch (std::exception const &e) {
+    std::cerr << "hexamoe: failed: " << e.what() << std::endl;
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace hexamoe::app

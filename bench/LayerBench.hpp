@@ -1,0 +1,36 @@
+// LayerBench.hpp: times the HEXA-MoE layer (forward, forward+backward) on the
+// Swin-MoE layer shapes of DESIGN.md section 5, beside the padded GEMM
+// baseline, and reports ms, useful GFLOP/s and peak bytes allocated.
+#pragma once
+
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+namespace hexamoe::bench {
+
+struct BenchShape {
+  std::string name;
+  int tokens, dim, hidden, experts, top_k;
+  double skew = 0.0;  // added to router bias of expert 0 (imbalanced routing)
+};
+
+// Swin-MoE-S/B stage 3 and 4 layers (batch 100) and a 64-expert skewed case.
+std::vector<BenchShape> const &swin_shapes();
+
+struct BenchOptions {
+  std::vector<std::string> only;  // shape names; empty = all
+  double token_scale = 1.0;       // multiply every shape's token count
+  int reps = 5;
+  int warmup = 1;
+  std::vector<std::string> dtypes = {"float32", "bfloat16"};
+  bool baseline = true;           // also time the padded GEMM baseline (float32)
+  double capacity_factor = 1.25;  // of the baseline
+  bool json = false;              // JSON lines instead of a table
+  unsigned seed = 1;
+};
+
+// Runs the benchmark on Kokkos' default execution space; returns 0 on success.
+int run_layer_bench(BenchOptions const &opt, std::ostream &out);
+
+}  // namespace hexamoe::bench
