@@ -93,25 +93,49 @@ struct EsmmKernel {
     for (int k0 = 0; k0 < K; k0 += Shape::TK) {
       int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
       team.team_barrier();
-      // Stage X rows (through the index, gate-scaled if asked) ...
-      team_for_2d<host>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
-        Acc v = Acc(0);
-        if (r < rows && kk < tk) {
+      if constexpr (host) {
+        // One thread: resolve each row once, then convert a contiguous run.
+        for (int r = 0; r < rows; ++r) {
           int const p = p0 + r;
           int const flat = R.sorted_flat(p);
-          v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
+          Acc const sc = x.scale(flat);
+          TX const *src = &x.rows(x.row(p, flat, k), k0);
+          Acc *dst = xs + r * Shape::TK;
+          for (int kk = 0; kk < tk; ++kk) dst[kk] = sc * to_acc<Acc>(src[kk]);
         }
-        xs[r * Shape::TK + kk] = v;
-      });
-      // ... and the weight chunk, transposed in place when asked.
-      if (transpose_w) {
-        team_for_2d<host>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
-          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
-        });
+        if (transpose_w) {
+          for (int c = 0; c < cols; ++c) {
+            TW const *src = &we(c0 + c, k0);
+            for (int kk = 0; kk < tk; ++kk) ws[kk * Shape::TN + c] = to_acc<Acc>(src[kk]);
+          }
+        } else {
+          for (int kk = 0; kk < tk; ++kk) {
+            TW const *src = &we(k0 + kk, c0);
+            Acc *dst = ws + kk * Shape::TN;
+            for (int c = 0; c < cols; ++c) dst[c] = to_acc<Acc>(src[c]);
+          }
+        }
       } else {
-        team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
-          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
+        // Stage X rows (through the index, gate-scaled if asked) ...
+        team_for_2d<host>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
+          Acc v = Acc(0);
+          if (r < rows && kk < tk) {
+            int const p = p0 + r;
+            int const flat = R.sorted_flat(p);
+            v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
+          }
+          xs[r * Shape::TK + kk] = v;
         });
+        // ... and the weight chunk, transposed in place when asked.
+        if (transpose_w) {
+          team_for_2d<host>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
+            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
+          });
+        } else {
+          team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
+            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
+          });
+        }
       }
       team.team_barrier();
       if constexpr (host) {

@@ -61,24 +61,38 @@ struct EstmmKernel {
       int const tk = (pend - p0) < Shape::TK ? (pend - p0) : Shape::TK;
       team.team_barrier();
       // xs[m][kk] = A(p0 + kk)[m0 + m]  (A^T staged), ws[kk][n] = B(p0 + kk)[n0 + n]
-      team_for_2d<host>(team, Shape::TK, Shape::TM, [&](int kk, int m) {
-        Acc v = Acc(0);
-        if (kk < tk && m < rows) {
+      if constexpr (host) {
+        for (int kk = 0; kk < tk; ++kk) {
           int const p = p0 + kk;
           int const flat = R.sorted_flat(p);
-          v = a.scale(flat) * to_acc<Acc>(a.rows(a.row(p, flat, k), m0 + m));
+          Acc const sa = a.scale(flat), sb = b.scale(flat);
+          TA const *ar = &a.rows(a.row(p, flat, k), m0);
+          TB const *br = &b.rows(b.row(p, flat, k), n0);
+          for (int m = 0; m < rows; ++m) xs[m * Shape::TK + kk] = sa * to_acc<Acc>(ar[m]);
+          Acc *dst = ws + kk * Shape::TN;
+          for (int n = 0; n < cols; ++n) dst[n] = sb * to_acc<Acc>(br[n]);
+          for (int n = cols; n < Shape::TN; ++n) dst[n] = Acc(0);  // the fused ESS sums whole rows
         }
-        xs[m * Shape::TK + kk] = v;
-      });
-      team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int n) {
-        Acc v = Acc(0);
-        if (kk < tk && n < cols) {
-          int const p = p0 + kk;
-          int const flat = R.sorted_flat(p);
-          v = b.scale(flat) * to_acc<Acc>(b.rows(b.row(p, flat, k), n0 + n));
-        }
-        ws[kk * Shape::TN + n] = v;
-      });
+      } else {
+        team_for_2d<host>(team, Shape::TK, Shape::TM, [&](int kk, int m) {
+          Acc v = Acc(0);
+          if (kk < tk && m < rows) {
+            int const p = p0 + kk;
+            int const flat = R.sorted_flat(p);
+            v = a.scale(flat) * to_acc<Acc>(a.rows(a.row(p, flat, k), m0 + m));
+          }
+          xs[m * Shape::TK + kk] = v;
+        });
+        team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int n) {
+          Acc v = Acc(0);
+          if (kk < tk && n < cols) {
+            int const p = p0 + kk;
+            int const flat = R.sorted_flat(p);
+            v = b.scale(flat) * to_acc<Acc>(b.rows(b.row(p, flat, k), n0 + n));
+          }
+          ws[kk * Shape::TN + n] = v;
+        });
+      }
       team.team_barrier();
       if constexpr (host) {
         host_tile_accumulate<Shape>(xs, ws, cs, rows, cols, tk);
