@@ -1,7 +1,9 @@
 // Commands.cpp: command-line parsing (CLI11) and dispatch to the subcommands.
 #include "app/Commands.hpp"
 
+#include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
+#include "io/Deck.hpp"
 #include "io/InputError.hpp"
 
 #include <CLI/CLI.hpp>
@@ -23,6 +25,57 @@ int world_rank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
+}
+
+// Load the deck on every rank. If any rank fails, every rank throws the
+// message of the lowest failing rank, so all print the same line and exit 2.
+Deck load_deck_collective(std::string const &path, std::vector<std::string> const &overrides, MPI_Comm comm) {
+  Deck deck;
+  std::string msg, where;
+  try {
+    deck = load_deck(path, overrides);
+  } catch (InputError const &e) {
+    msg = e.what();
+    where = e.where();
+  }
+  int const rank = [&] {
+    int r = 0;
+    MPI_Comm_rank(comm, &r);
+    return r;
+  }();
+  int first_bad = msg.empty() ? INT32_MAX : rank;
+  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, comm);
+  if (first_bad == INT32_MAX) return deck;
+  int len = static_cast<int>(msg.size());
+  MPI_Bcast(&len, 1, MPI_INT, first_bad, comm);
+  msg.resize(static_cast<std::size_t>(len));
+  MPI_Bcast(msg.data(), len, MPI_CHAR, first_bad, comm);
+  if (first_bad != rank) msg += " (found on rank " + std::to_string(first_bad) + ")";
+  throw InputError("", msg);
+}
+
+// Run f on every rank; if any rank throws InputError, every rank throws one
+// (the lowest failing rank's message), so no rank waits in a collective.
+template <class F>
+auto collectively(MPI_Comm comm, F &&f) {
+  std::string msg;
+  using R = decltype(f());
+  R result{};
+  try {
+    result = f();
+  } catch (InputError const &e) {
+    msg = e.what();
+  }
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  int first_bad = msg.empty() ? INT32_MAX : rank;
+  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, comm);
+  if (first_bad == INT32_MAX) return result;
+  int len = static_cast<int>(msg.size());
+  MPI_Bcast(&len, 1, MPI_INT, first_bad, comm);
+  msg.resize(static_cast<std::size_t>(len));
+  MPI_Bcast(msg.data(), len, MPI_CHAR, first_bad, comm);
+  throw InputError("", msg);
 }
 
 std::string version_string() {
@@ -53,6 +106,21 @@ int run(int argc, char **argv) {
       ->check(CLI::PositiveNumber);
   bench_cmd->add_flag("--json", bopt.json, "JSON lines instead of a table");
 
+  std::string deck_path;
+  std::vector<std::string> overrides;
+  TrainOptions topt;
+  auto *train_cmd = cli.add_subcommand("train", "Train the model a deck describes");
+  train_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
+  train_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
+  train_cmd->add_option("--restart", topt.restart, "Continue from a checkpoint: 'latest' or a path");
+  train_cmd->add_flag("--quiet", topt.quiet, "No per-step lines");
+  train_cmd->add_option("--stop-after", topt.stop_after,
+                        "Act as if preempted after N steps of this run (checkpoint, exit 0); for testing restarts")
+      ->check(CLI::NonNegativeNumber);
+  auto *check_cmd = cli.add_subcommand("check", "Validate a deck and print it fully resolved (exit 0 valid, 2 invalid)");
+  check_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
+  check_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
+
   try {
     cli.parse(argc, argv);
   } catch (CLI::ParseError const &e) {
@@ -62,6 +130,23 @@ int run(int argc, char **argv) {
   }
 
   try {
+    if (*check_cmd) {
+      Deck deck = load_deck_collective(deck_path, overrides, MPI_COMM_WORLD);
+      int n = 1;
+      MPI_Comm_size(MPI_COMM_WORLD, &n);
+      collectively(MPI_COMM_WORLD, [&] {
+        check_parallel(deck, n);
+        return 0;
+      });
+      if (world_rank() == 0) std::cout << resolved_toml(deck);
+      return 0;
+    }
+    if (*train_cmd) {
+      Deck deck = load_deck_collective(deck_path, overrides, MPI_COMM_WORLD);
+      install_preemption_handlers();
+      collectively(MPI_COMM_WORLD, [&] { return train(deck, topt, MPI_COMM_WORLD).steps; });
+      return 0;
+    }
     if (*bench_cmd) {
       std::ostringstream sink;
       return bench::run_layer_bench(bopt, world_rank() == 0 ? std::cout : sink);

@@ -1,0 +1,151 @@
+// tstTrainer.cpp: the training application end to end on the quick deck:
+// the loss falls, a stopped-and-restarted run continues bit-identically, bad
+// checkpoints are refused, and the driver exits 2 on bad input.
+#include "app/Commands.hpp"
+#include "app/Trainer.hpp"
+#include "io/Checkpoint.hpp"
+#include "io/Deck.hpp"
+#include "io/InputError.hpp"
+
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace hexamoe;
+
+std::string quick_deck() { return std::string(HEXAMOE_SOURCE_DIR) + "/inputs/quick.toml"; }
+
+// A fresh output directory per test, the same on every rank.
+std::string out_dir(std::string const &name) {
+  std::string d = testing::TempDir() + "hexamoe_trainer_" + name;
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0) fs::remove_all(d);
+  MPI_Barrier(MPI_COMM_WORLD);
+  return d;
+}
+
+Deck deck_with(std::string const &dir, std::vector<std::string> extra = {}) {
+  std::vector<std::string> o = {"run.output_dir=\"" + dir + "\""};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return load_deck(quick_deck(), o);
+}
+
+double mean(std::vector<double> const &v, std::size_t a, std::size_t b) {
+  return std::accumulate(v.begin() + a, v.begin() + b, 0.0) / double(b - a);
+}
+
+TEST(Trainer, QuickDeckLossFalls) {
+  app::TrainOptions opt;
+  opt.quiet = true;
+  auto sum = app::train(deck_with(out_dir("quick")), opt, MPI_COMM_WORLD);
+  ASSERT_EQ(sum.steps, 60);
+  ASSERT_EQ(sum.step_losses.size(), 60u);
+  double const first = mean(sum.step_losses, 0, 10), last = mean(sum.step_losses, 50, 60);
+  EXPECT_LT(last, 0.8 * first) << "loss did not fall: first 10 steps " << first << ", last 10 " << last;
+  EXPECT_GT(sum.test_accuracy, 0.3) << "test accuracy " << sum.test_accuracy << " (chance is 0.1)";
+  EXPECT_TRUE(fs::exists(fs::path(deck_with(out_dir("quick-probe")).run.output_dir).parent_path()));
+}
+
+// Read every dataset of a checkpoint as raw floats.
+std::map<std::string, std::vector<float>> read_all(std::string const &path) {
+  CheckpointReader r(MPI_COMM_WORLD, path);
+  std::map<std::string, std::vector<float>> out;
+  for (auto const &name : r.datasets()) {
+    Shape s = r.shape(name);
+    std::size_t n = 1;
+    for (auto e : s) n *= e;
+    std::vector<float> v(n);
+    r.read_whole(name, s, v.data());
+    out[name] = std::move(v);
+  }
+  return out;
+}
+
+TEST(Trainer, RestartContinuesBitIdentically) {
+  std::vector<std::string> const common = {"train.max_steps=30", "checkpoint.keep=5"};
+  // Uninterrupted run.
+  std::string const da = out_dir("straight");
+  app::TrainOptions quiet;
+  quiet.quiet = true;
+  auto a = app::train(deck_with(da, common), quiet, MPI_COMM_WORLD);
+  ASSERT_EQ(a.steps, 30);
+  // Stopped after 13 steps (as a preemption would), then restarted from latest.
+  std::string const db = out_dir("restarted");
+  app::TrainOptions stop = quiet;
+  stop.stop_after = 13;
+  auto b1 = app::train(deck_with(db, common), stop, MPI_COMM_WORLD);
+  ASSERT_TRUE(b1.preempted);
+  ASSERT_EQ(b1.steps, 13);
+  app::TrainOptions again = quiet;
+  again.restart = "latest";
+  auto b2 = app::train(deck_with(db, common), again, MPI_COMM_WORLD);
+  ASSERT_EQ(b2.steps, 30);
+  ASSERT_EQ(b2.step_losses.size(), 17u);
+  for (std::size_t i = 0; i < 13; ++i) EXPECT_EQ(a.step_losses[i], b1.step_losses[i]) << "step " << i + 1;
+  for (std::size_t i = 0; i < 17; ++i) EXPECT_EQ(a.step_losses[13 + i], b2.step_losses[i]) << "step " << 14 + i;
+  // Final parameters and optimiser moments: bit for bit.
+  auto pa = read_all(find_latest_checkpoint(da + "/checkpoints"));
+  auto pb = read_all(find_latest_checkpoint(db + "/checkpoints"));
+  ASSERT_EQ(pa.size(), pb.size());
+  for (auto const &[name, va] : pa) {
+    ASSERT_TRUE(pb.count(name)) << name;
+    ASSERT_EQ(va.size(), pb[name].size()) << name;
+    EXPECT_EQ(0, std::memcmp(va.data(), pb[name].data(), va.size() * sizeof(float))) << name << " differs";
+  }
+}
+
+TEST(Trainer, RefusesBadCheckpoints) {
+  std::string const d = out_dir("badckpt");
+  app::TrainOptions quiet;
+  quiet.quiet = true;
+  quiet.stop_after = 2;
+  app::train(deck_with(d, {"train.max_steps=4"}), quiet, MPI_COMM_WORLD);
+  std::string const good = find_latest_checkpoint(d + "/checkpoints");
+  ASSERT_FALSE(good.empty());
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::string const cut = d + "/truncated.h5";
+  if (rank == 0) {
+    fs::copy_file(good, cut);
+    fs::resize_file(cut, fs::file_size(good) / 2);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  app::TrainOptions r = quiet;
+  r.restart = cut;
+  r.stop_after = 0;
+  EXPECT_THROW(app::train(deck_with(d, {"train.max_steps=4"}), r, MPI_COMM_WORLD), InputError);
+  // A checkpoint of a different model (more experts) is refused by name.
+  r.restart = good;
+  try {
+    app::train(deck_with(d, {"train.max_steps=4", "moe.experts=8"}), r, MPI_COMM_WORLD);
+    ADD_FAILURE() << "a checkpoint of another model was accepted";
+  } catch (InputError const &e) {
+    EXPECT_NE(std::string(e.what()).find("E4"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(fs::exists(good)) << "the last good checkpoint was lost";
+}
+
+int run_cli(std::vector<std::string> args) {
+  std::vector<char *> argv;
+  for (auto &a : args) argv.push_back(a.data());
+  return app::run(static_cast<int>(argv.size()), argv.data());
+}
+
+TEST(Trainer, DriverExitCodes) {
+  EXPECT_EQ(0, run_cli({"hexamoe", "check", quick_deck()}));
+  EXPECT_EQ(2, run_cli({"hexamoe", "check", quick_deck(), "--set", "moe.top_k=9"}));
+  EXPECT_EQ(2, run_cli({"hexamoe", "check", "/nonexistent/deck.toml"}));
+  EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "data.source=fashion-mnist", "--set",
+                        "data.path=/nonexistent"}));
+  EXPECT_EQ(2, run_cli({"hexamoe", "frobnicate"}));
+}
+
+}  // namespace
