@@ -143,11 +143,13 @@ void stage_batch(ImageSet const &set, std::vector<std::int64_t> const &idx, Imag
   Kokkos::deep_copy(labels, hl);
 }
 
-// Sum every gradient over the ranks (replicated parameters).
+// Sum the gradients of replicated parameters over the ranks (sharded expert
+// slices are reduced by their parallel mode).
 void allreduce_gradients(std::vector<Parameter<Mem>> const &params, MPI_Comm comm) {
   if (comm_size(comm) == 1) return;
   Kokkos::fence();
   for (auto const &p : params) {
+    if (p.sharded()) continue;
     auto h = Kokkos::create_mirror_view(p.grad);
     Kokkos::deep_copy(h, p.grad);
     MPI_Allreduce(MPI_IN_PLACE, h.data(), static_cast<int>(h.extent(0)), MPI_FLOAT, MPI_SUM, comm);
@@ -213,9 +215,14 @@ void save_checkpoint(Deck const &deck, std::string const &signature, AdamW<Space
   auto const &params = opt.parameters();
   for (std::size_t i = 0; i < params.size(); ++i) {
     Shape const s = shape_of(params[i]);
-    tensors.push_back(TensorSlice::whole("params/" + params[i].name, s, h.values[i].data()));
-    tensors.push_back(TensorSlice::whole("adamw_m/" + params[i].name, s, h.m[i].data()));
-    tensors.push_back(TensorSlice::whole("adamw_v/" + params[i].name, s, h.v[i].data()));
+    auto slice = [&](std::string const &group, float const *data) {
+      if (!params[i].sharded()) return TensorSlice::whole(group + params[i].name, s, data);
+      return TensorSlice::block(group + params[i].name, s, Shape(params[i].offset.begin(), params[i].offset.end()),
+                                Shape(params[i].count.begin(), params[i].count.end()), data);
+    };
+    tensors.push_back(slice("params/", h.values[i].data()));
+    tensors.push_back(slice("adamw_m/", h.m[i].data()));
+    tensors.push_back(slice("adamw_v/", h.v[i].data()));
   }
   Attributes attrs;
   attrs.strings["deck"] = resolved_toml(deck);
@@ -234,9 +241,11 @@ long load_checkpoint(std::string const &where, std::string const &signature, Ada
     auto hv = Kokkos::create_mirror_view(params[i].value);
     auto hm = Kokkos::create_mirror_view(opt.first_moment(i));
     auto hs = Kokkos::create_mirror_view(opt.second_moment(i));
-    reader.read_whole("params/" + params[i].name, s, hv.data());
-    reader.read_whole("adamw_m/" + params[i].name, s, hm.data());
-    reader.read_whole("adamw_v/" + params[i].name, s, hs.data());
+    Shape const off = params[i].sharded() ? Shape(params[i].offset.begin(), params[i].offset.end()) : Shape(s.size(), 0);
+    Shape const cnt = params[i].sharded() ? Shape(params[i].count.begin(), params[i].count.end()) : s;
+    reader.read("params/" + params[i].name, s, off, cnt, hv.data());
+    reader.read("adamw_m/" + params[i].name, s, off, cnt, hm.data());
+    reader.read("adamw_v/" + params[i].name, s, off, cnt, hs.data());
     Kokkos::deep_copy(params[i].value, hv);
     Kokkos::deep_copy(opt.first_moment(i), hm);
     Kokkos::deep_copy(opt.second_moment(i), hs);
@@ -360,7 +369,10 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     double stats[5] = {st.loss * local_b, st.aux_loss, st.z_loss, double(st.correct), double(st.count)};
     MPI_Allreduce(MPI_IN_PLACE, stats, 5, MPI_DOUBLE, MPI_SUM, comm);
     double const ce = stats[0] / B, aux = stats[1], zl = stats[2];
-    double const norm = std::sqrt(opt.grad_sq_norm(space));
+    double sq[2] = {0, 0};  // replicated (identical on every rank), sharded (this rank's slice)
+    for (auto const &p : params) sq[p.sharded() ? 1 : 0] += AdamW<Space>::sq_norm(space, p.grad);
+    MPI_Allreduce(MPI_IN_PLACE, &sq[1], 1, MPI_DOUBLE, MPI_SUM, comm);
+    double const norm = std::sqrt(sq[0] + sq[1]);
     double const clip = deck.train.clip_norm > 0 && norm > deck.train.clip_norm ? deck.train.clip_norm / (norm + 1e-6) : 1.0;
     double const lr = learning_rate(step, total, deck.train.lr, deck.train.min_lr, deck.train.warmup_steps,
                                     deck.train.schedule == TrainSection::Schedule::cosine);

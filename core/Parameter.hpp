@@ -24,6 +24,11 @@ struct Parameter {
   Kokkos::View<float *, MemorySpace> grad;   // flat gradient, same extent
   bool decay = true;                  // AdamW weight decay applies (not to biases, norms)
   bool expert = false;                // sharded expert weight (not replicated across the MoE group)
+  // The block of the global tensor this process holds (empty = all of it).
+  // Sharded tensors (expert slices) are neither all-reduced nor written whole.
+  std::vector<std::size_t> offset, count;
+
+  bool sharded() const { return !count.empty(); }
 };
 
 // A flat view over a contiguous multi-dimensional view's memory.
