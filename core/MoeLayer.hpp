@@ -234,13 +234,34 @@ class MoeLayer {
     int const E = cfg_.experts, d = cfg_.dim, H = cfg_.hidden;
     using S = std::vector<std::size_t>;
     return {
-        {prefix + ".router.weight", S{std::size_t(d), std::size_t(E)}, flat(router.weight), flat(router.weight_grad), true, false},
-        {prefix + ".router.bias", S{std::size_t(E)}, flat(router.bias), flat(router.bias_grad), false, false},
-        {prefix + ".w1", S{std::size_t(E), std::size_t(d), std::size_t(H)}, flat(w1), flat(w1_grad), true, true},
-        {prefix + ".b1", S{std::size_t(E), std::size_t(H)}, flat(b1), flat(b1_grad), false, true},
-        {prefix + ".w2", S{std::size_t(E), std::size_t(H), std::size_t(d)}, flat(w2), flat(w2_grad), true, true},
-        {prefix + ".b2", S{std::size_t(E), std::size_t(d)}, flat(b2), flat(b2_grad), false, false},
+        {prefix + ".router.weight", S{std::size_t(d), std::size_t(E)}, flat(router.weight), flat(router.weight_grad), true, false, {}, {}},
+        {prefix + ".router.bias", S{std::size_t(E)}, flat(router.bias), flat(router.bias_grad), false, false, {}, {}},
+        {prefix + ".w1", S{std::size_t(E), std::size_t(d), std::size_t(H)}, flat(w1), flat(w1_grad), true, true, {}, {}},
+        {prefix + ".b1", S{std::size_t(E), std::size_t(H)}, flat(b1), flat(b1_grad), false, true, {}, {}},
+        {prefix + ".w2", S{std::size_t(E), std::size_t(H), std::size_t(d)}, flat(w2), flat(w2_grad), true, true, {}, {}},
+        {prefix + ".b2", S{std::size_t(E), std::size_t(d)}, flat(b2), flat(b2_grad), false, false, {}, {}},
     };
+  }
+
+  // (Public because CUDA forbids extended lambdas in private member functions.)
+  // out[t] = sum_j g[t, j] * rows[pos(t, j)] in slot order (g = 1 when absent);
+  // dropped assignments contribute nothing. Each row written once.
+  void combine(ExecutionSpace const &space, Matrix<T const, memory_space> rows, Kokkos::View<Acc const *, memory_space> gate,
+               Matrix<T, memory_space> out) {
+    compat::ScopedRegion region("hexamoe::combine");
+    int const T_ = static_cast<int>(out.extent(0)), d = cfg_.dim, k = cfg_.top_k;
+    auto pos = index_.position;
+    bool const gated = gate.data() != nullptr;
+    Kokkos::parallel_for(
+        "hexamoe::combine", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
+          int const t = i / d, c = i % d;
+          Acc s = 0;
+          for (int j = 0; j < k; ++j) {
+            int const p = pos(t * k + j);
+            if (p >= 0) s += (gated ? gate(t * k + j) : Acc(1)) * to_acc<Acc>(rows(p, c));
+          }
+          out(t, c) = from_acc<T>(s);
+        });
   }
 
  private:
@@ -254,7 +275,8 @@ class MoeLayer {
 
   void route(ExecutionSpace const &space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space> idx) {
     bool const own = idx.data() == router.idx.data();
-    index_ = build_routing_index(space, idx, cfg_.experts, cfg_.capacity_factor, /*validate=*/!own);
+    // Recycles the last index's buffers: no allocation (and no implied device sync) per step.
+    index_ = build_routing_index(space, idx, cfg_.experts, cfg_.capacity_factor, /*validate=*/!own, index_);
     routed_ = !own;
     if (own) gate_ = router.gate;
   }
@@ -289,26 +311,6 @@ class MoeLayer {
            bias2 ? Matrix<T const, memory_space>(b2) : Matrix<T const, memory_space>(), ep);
     }
     if (!fused) combine(space, Matrix<T const, memory_space>(o_), Kokkos::View<Acc const *, memory_space>(gate_), y);
-  }
-
-  // out[t] = sum_j g[t, j] * rows[pos(t, j)] in slot order (g = 1 when absent);
-  // dropped assignments contribute nothing. Each row written once.
-  void combine(ExecutionSpace const &space, Matrix<T const, memory_space> rows, Kokkos::View<Acc const *, memory_space> gate,
-               Matrix<T, memory_space> out) {
-    compat::ScopedRegion region("hexamoe::combine");
-    int const T_ = static_cast<int>(out.extent(0)), d = cfg_.dim, k = cfg_.top_k;
-    auto pos = index_.position;
-    bool const gated = gate.data() != nullptr;
-    Kokkos::parallel_for(
-        "hexamoe::combine", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
-          int const t = i / d, c = i % d;
-          Acc s = 0;
-          for (int j = 0; j < k; ++j) {
-            int const p = pos(t * k + j);
-            if (p >= 0) s += (gated ? gate(t * k + j) : Acc(1)) * to_acc<Acc>(rows(p, c));
-          }
-          out(t, c) = from_acc<T>(s);
-        });
   }
 
   MoeLayerConfig cfg_;
