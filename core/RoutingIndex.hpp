@@ -6,7 +6,8 @@
 // count / scan / place scheme: every chunk of assignments counts per expert,
 // one scan over the (expert, chunk) table gives each chunk its write cursor,
 // and every chunk places its assignments in order. No atomics decide the order,
-// so the index (and everything computed through it) is deterministic.
+// so the index (and everything computed through it) is deterministic. Nothing
+// is read back to the host unless ids are validated.
 #pragma once
 
 #include "Compat.hpp"
@@ -34,6 +35,7 @@ struct RoutingIndex {
   Kokkos::View<int *, MemorySpace> offsets;      // [E+1] exclusive scan of counts
   Kokkos::View<int *, MemorySpace> sorted_flat;  // [S] flat id of the assignment at sorted position p
   Kokkos::View<int *, MemorySpace> position;     // [S] sorted position of flat id, -1 if dropped
+  Kokkos::View<int *, MemorySpace> workspace;    // (expert, chunk) cursors of the last build (reused by rebuilds)
 
   int num_assignments() const { return num_tokens * top_k; }
 
@@ -46,17 +48,34 @@ struct RoutingIndex {
 
 namespace detail {
 inline int routing_chunk_size() { return 256; }
+
+// A view of at least n elements: `have` when it is large enough, else a new one.
+template <class ExecutionSpace, class MemorySpace>
+Kokkos::View<int *, MemorySpace> routing_buffer(ExecutionSpace const &space, Kokkos::View<int *, MemorySpace> have,
+                                                std::size_t n, char const *label) {
+  if (have.data() != nullptr && have.extent(0) >= n) return Kokkos::subview(have, std::make_pair(std::size_t(0), n));
+  return Kokkos::View<int *, MemorySpace>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, std::string(label)), n);
+}
 }  // namespace detail
 
 // Build the routing index from expert ids idx[T, k] (values in [0, E)).
 // capacity_factor > 0 keeps at most ceil(cf * k * T / E) assignments per expert
 // (dropping later ones in (t, j) order); it exists only to reproduce padded peers.
-// validate = true checks every id on the device (one reduction read back).
+// validate = true checks every id on the device (one reduction read back: a
+// host synchronisation); with validate = false nothing is read back.
+// reuse (optional): an earlier index whose device buffers are recycled when
+// large enough, so that a layer rebuilding its index every step allocates (and
+// synchronises) nothing; that earlier index is invalid afterwards.
+//
+// Device backends: one team per chunk of assignments counts in team scratch
+// and places each assignment at its chunk's cursor plus its rank among the
+// chunk's earlier assignments to the same expert (no atomics decide an order).
+// Host backends: one thread per chunk walks its assignments in order.
 template <class ExecutionSpace, class MemorySpace>
 RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
                                               Kokkos::View<int const **, Kokkos::LayoutRight, MemorySpace> idx,
                                               int num_experts, double capacity_factor = 0.0,
-                                              bool validate = true) {
+                                              bool validate = true, RoutingIndex<MemorySpace> const &reuse = {}) {
   static_assert(Kokkos::SpaceAccessibility<ExecutionSpace, MemorySpace>::accessible,
                 "build_routing_index: execution space cannot access the index's memory space");
   compat::ScopedRegion region("hexamoe::build_routing_index");
@@ -84,39 +103,70 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
                    : 0;
 
   using policy = Kokkos::RangePolicy<ExecutionSpace>;
+  constexpr bool host = Kokkos::SpaceAccessibility<ExecutionSpace, Kokkos::HostSpace>::accessible;
   int const chunk = detail::routing_chunk_size();
   int const nchunks = (S + chunk - 1) / chunk;
   auto const flat_idx = Kokkos::View<int const *, MemorySpace>(idx.data(), static_cast<std::size_t>(S));
+  std::size_t const ntab = static_cast<std::size_t>(E) * nchunks + 1;
 
   // 1. Count per (expert, chunk), expert-major so that one scan orders by expert then chunk.
-  Kokkos::View<int *, MemorySpace> table(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_table"),
-                                         static_cast<std::size_t>(E) * nchunks + 1);
-  int invalid = 0;
-  Kokkos::parallel_reduce(
-      "hexamoe::routing_count", policy(space, 0, nchunks),
-      KOKKOS_LAMBDA(int c, int &bad) {
-        for (int e = 0; e < E; ++e) table(static_cast<std::size_t>(e) * nchunks + c) = 0;
-        int const end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
-        for (int s = c * chunk; s < end; ++s) {
+  R.workspace = detail::routing_buffer(space, reuse.workspace, ntab, "hexamoe::routing_table");
+  auto table = R.workspace;
+  if (validate) {
+    int invalid = 0;
+    Kokkos::parallel_reduce(
+        "hexamoe::routing_validate", policy(space, 0, S),
+        KOKKOS_LAMBDA(int s, int &bad) {
           int const e = flat_idx(s);
-          if (e < 0 || e >= E) {
-            ++bad;
-          } else {
-            ++table(static_cast<std::size_t>(e) * nchunks + c);
-          }
-        }
-      },
-      invalid);
-  // The reduction result is on the host already (a scalar reducer synchronises).
-  if (validate && invalid != 0) {
-    std::ostringstream msg;
-    msg << "build_routing_index: " << invalid << " expert id(s) outside [0, " << E << ")";
-    throw std::invalid_argument(msg.str());
+          if (e < 0 || e >= E) ++bad;
+        },
+        invalid);  // a scalar reduction result synchronises
+    if (invalid != 0) {
+      std::ostringstream msg;
+      msg << "build_routing_index: " << invalid << " expert id(s) outside [0, " << E << ")";
+      throw std::invalid_argument(msg.str());
+    }
   }
-  Kokkos::deep_copy(space, Kokkos::subview(table, static_cast<std::size_t>(E) * nchunks), 0);
+  if constexpr (host) {
+    Kokkos::parallel_for(
+        "hexamoe::routing_count", policy(space, 0, nchunks + 1), KOKKOS_LAMBDA(int c) {
+          if (c == nchunks) {
+            table(static_cast<std::size_t>(E) * nchunks) = 0;
+            return;
+          }
+          for (int e = 0; e < E; ++e) table(static_cast<std::size_t>(e) * nchunks + c) = 0;
+          int const end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
+          for (int s = c * chunk; s < end; ++s) {
+            int const e = flat_idx(s);
+            if (e >= 0 && e < E) ++table(static_cast<std::size_t>(e) * nchunks + c);
+          }
+        });
+  } else {
+    // One team per chunk, a histogram in team scratch (atomic adds only count).
+    using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename team_policy::member_type;
+    team_policy tp(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256);
+    tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * (E + 1)));
+    Kokkos::parallel_for(
+        "hexamoe::routing_count", tp, KOKKOS_LAMBDA(member const &team) {
+          int const c = team.league_rank();
+          int *hist = static_cast<int *>(team.team_shmem().get_shmem(sizeof(int) * E));
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E), [&](int e) { hist[e] = 0; });
+          team.team_barrier();
+          int const beg = c * chunk, end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, beg, end), [&](int s) {
+            int const e = flat_idx(s);
+            if (e >= 0 && e < E) Kokkos::atomic_add(&hist[e], 1);
+          });
+          team.team_barrier();
+          if (c < nchunks)
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E),
+                                 [&](int e) { table(static_cast<std::size_t>(e) * nchunks + c) = hist[e]; });
+          if (c == 0) Kokkos::single(Kokkos::PerTeam(team), [&]() { table(static_cast<std::size_t>(E) * nchunks) = 0; });
+        });
+  }
 
   // 2. Exclusive scan of the table: each entry becomes the chunk's first sorted position.
-  std::size_t const ntab = static_cast<std::size_t>(E) * nchunks + 1;
   Kokkos::parallel_scan(
       "hexamoe::routing_scan", Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, ntab),
       KOKKOS_LAMBDA(std::size_t i, int &run, bool final) {
@@ -125,48 +175,82 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
         run += v;
       });
 
-  R.offsets = Kokkos::View<int *, MemorySpace>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_offsets"), E + 1);
-  R.counts = Kokkos::View<int *, MemorySpace>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_counts"), E);
-  R.sorted_flat = Kokkos::View<int *, MemorySpace>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_sorted_flat"), S);
-  R.position = Kokkos::View<int *, MemorySpace>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_position"), S);
+  R.offsets = detail::routing_buffer(space, reuse.offsets, E + 1, "hexamoe::routing_offsets");
+  R.counts = detail::routing_buffer(space, reuse.counts, E, "hexamoe::routing_counts");
+  R.sorted_flat = detail::routing_buffer(space, reuse.sorted_flat, S, "hexamoe::routing_sorted_flat");
+  R.position = detail::routing_buffer(space, reuse.position, S, "hexamoe::routing_position");
   auto offsets = R.offsets;
   auto counts = R.counts;
   auto sorted = R.sorted_flat;
   auto position = R.position;
 
-  // 3. Place: each chunk walks its assignments in order, bumping its own cursors.
-  Kokkos::parallel_for(
-      "hexamoe::routing_place", policy(space, 0, nchunks), KOKKOS_LAMBDA(int c) {
-        int const end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
-        for (int s = c * chunk; s < end; ++s) {
-          int const e = flat_idx(s);
-          if (e < 0 || e >= E) {
-            position(s) = -1;
-            continue;
+  // 3. Place: an assignment goes to its chunk's cursor for its expert plus the
+  // number of earlier assignments of the chunk to the same expert (stable).
+  if constexpr (host) {
+    // One thread per chunk bumps its own cursors: afterwards entry (e, c) holds
+    // the start of chunk c + 1, and the last chunk's entry the end of expert e.
+    Kokkos::parallel_for(
+        "hexamoe::routing_place", policy(space, 0, nchunks), KOKKOS_LAMBDA(int c) {
+          int const end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
+          for (int s = c * chunk; s < end; ++s) {
+            int const e = flat_idx(s);
+            if (e < 0 || e >= E) {
+              position(s) = -1;
+              continue;
+            }
+            int const p = table(static_cast<std::size_t>(e) * nchunks + c)++;
+            sorted(p) = s;
+            position(s) = p;
           }
-          int const p = table(static_cast<std::size_t>(e) * nchunks + c)++;
-          sorted(p) = s;
-          position(s) = p;
-        }
-      });
-  // After placement each entry holds the next chunk's start; the first chunk of
-  // expert e+1 starts where expert e ended. Offsets are read before placement
-  // moved them, so recompute them from the scan of counts instead.
+        });
+  } else {
+    using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename team_policy::member_type;
+    team_policy tp(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256);
+    tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * chunk));
+    Kokkos::parallel_for(
+        "hexamoe::routing_place", tp, KOKKOS_LAMBDA(member const &team) {
+          int const c = team.league_rank();
+          int *ids = static_cast<int *>(team.team_shmem().get_shmem(sizeof(int) * chunk));
+          int const beg = c * chunk, n = (c + 1) * chunk < S ? chunk : S - beg;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, n), [&](int i) { ids[i] = flat_idx(beg + i); });
+          team.team_barrier();
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, n), [&](int i) {
+            int const e = ids[i];
+            int const s = beg + i;
+            if (e < 0 || e >= E) {
+              position(s) = -1;
+              return;
+            }
+            int rank = 0;  // every thread reads ids[q] in the same order: broadcasts
+            for (int q = 0; q < i; ++q) rank += ids[q] == e ? 1 : 0;
+            int const p = table(static_cast<std::size_t>(e) * nchunks + c) + rank;
+            sorted(p) = s;
+            position(s) = p;
+          });
+        });
+  }
+  // Counts and offsets: on devices expert e spans the scanned entries of its
+  // first chunk and of expert e + 1's first chunk; on hosts (cursors bumped)
+  // the last chunk's entry is expert e's end.
   int const cap = R.capacity;
+  bool const bumped = host;
   Kokkos::parallel_for(
       "hexamoe::routing_offsets", policy(space, 0, 1), KOKKOS_LAMBDA(int) {
-        // table(e * nchunks + nchunks - 1) now holds the end of expert e.
-        int start = 0;
+        int run = 0, prev_end = 0;
         for (int e = 0; e < E; ++e) {
-          int const end = table(static_cast<std::size_t>(e) * nchunks + nchunks - 1);
+          int start, end;
+          if (bumped) {
+            start = prev_end;
+            end = nchunks > 0 ? table(static_cast<std::size_t>(e) * nchunks + nchunks - 1) : 0;
+          } else {
+            start = table(static_cast<std::size_t>(e) * nchunks);
+            end = table(static_cast<std::size_t>(e + 1) * nchunks);
+          }
+          prev_end = end;
           counts(e) = end - start;
-          start = end;
-        }
-        int run = 0;
-        for (int e = 0; e < E; ++e) {
           offsets(e) = run;
-          int const n = cap > 0 && counts(e) > cap ? cap : counts(e);
-          run += n;
+          run += cap > 0 && counts(e) > cap ? cap : counts(e);
         }
         offsets(E) = run;
       });
