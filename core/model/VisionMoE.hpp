@@ -204,15 +204,7 @@ class VisionMoE {
   }
   const_matrix logits() const { return logits_; }
 
- private:
-  struct Block {
-    nn::LayerNorm<ExecutionSpace> ln1, ln2;
-    nn::Attention<ExecutionSpace> attn;
-    nn::Mlp<ExecutionSpace> mlp;
-    std::unique_ptr<MoeFfn<ExecutionSpace>> moe;
-    matrix n1, a, h, n2, f, out;
-  };
-
+  // Residual sum c = a + b (public: CUDA forbids extended lambdas in private member functions).
   static void add(ExecutionSpace const &space, const_matrix a, const_matrix b, matrix c) {
     std::size_t const n = c.span();
     auto pa = a.data();
@@ -222,6 +214,15 @@ class VisionMoE {
         "hexamoe::model::residual", Kokkos::RangePolicy<ExecutionSpace>(space, 0, n),
         KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
   }
+
+ private:
+  struct Block {
+    nn::LayerNorm<ExecutionSpace> ln1, ln2;
+    nn::Attention<ExecutionSpace> attn;
+    nn::Mlp<ExecutionSpace> mlp;
+    std::unique_ptr<MoeFfn<ExecutionSpace>> moe;
+    matrix n1, a, h, n2, f, out;
+  };
 
   VisionMoeSpec spec_;
   nn::PatchEmbed<ExecutionSpace> patch_;
