@@ -308,9 +308,13 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   // over ranks below, so each rank carries 1/n of the weight.
   spec.moe.aux_loss_weight /= nranks;
   spec.moe.z_loss_weight /= nranks;
-  VisionMoE<Space> model(space, spec);
+  typename VisionMoE<Space>::FfnFactory factory;
+  if (deck.moe.dtype == MoeSection::Dtype::bfloat16)
+    factory = [](MoeLayerConfig const &c, int) { return std::make_unique<LocalMoeFfnBf16<Space>>(c); };
+  VisionMoE<Space> model(space, spec, factory);
   model.init(std::uint64_t(deck.run.seed));
-  std::string const signature = spec_from(deck).signature();
+  std::string const signature =
+      spec_from(deck).signature() + (deck.moe.dtype == MoeSection::Dtype::bfloat16 ? " bf16" : "");
   AdamWOptions aopt{deck.train.beta1, deck.train.beta2, deck.train.eps, deck.train.weight_decay};
   AdamW<Space> opt(model.parameters(), aopt);
   EpochOrder order(data.train.count, std::uint64_t(deck.run.seed));

@@ -8,7 +8,10 @@
 #include "io/InputError.hpp"
 
 #include <gtest/gtest.h>
+#include <hdf5.h>
 #include <mpi.h>
+
+#include <cmath>
 
 #include <cstring>
 #include <filesystem>
@@ -55,6 +58,47 @@ TEST(Trainer, QuickDeckLossFalls) {
   EXPECT_TRUE(fs::exists(dir + "/summary.json"));
   EXPECT_TRUE(fs::exists(dir + "/metrics.jsonl"));
   EXPECT_TRUE(fs::exists(dir + "/deck.resolved.toml"));
+}
+
+TEST(Trainer, Bfloat16ExpertsLearnToo) {
+  app::TrainOptions opt;
+  opt.quiet = true;
+  auto sum = app::train(deck_with(out_dir("bf16"), {"moe.dtype=\"bfloat16\""}), opt, MPI_COMM_WORLD);
+  ASSERT_EQ(sum.step_losses.size(), 150u);
+  EXPECT_LT(mean(sum.step_losses, 140, 150), 0.8 * mean(sum.step_losses, 0, 10));
+}
+
+TEST(Trainer, WritesChosenActivations) {
+  std::string const dir = out_dir("activations");
+  app::TrainOptions opt;
+  opt.quiet = true;
+  app::train(deck_with(dir, {"train.max_steps=4", "output.activations_layers=[1]", "output.activations_steps=[2, 4]"}), opt,
+             MPI_COMM_WORLD);
+  int ranks = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  // Plain HDF5, as h5dump would read it: [global tokens, dim] per dataset.
+  hid_t f = H5Fopen((dir + "/activations.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  for (char const *name : {"step_2/layer_1/input", "step_2/layer_1/output", "step_4/layer_1/output"}) {
+    hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    ASSERT_GE(d, 0) << name;
+    hid_t sp = H5Dget_space(d);
+    hsize_t dims[2] = {0, 0};
+    ASSERT_EQ(H5Sget_simple_extent_ndims(sp), 2);
+    H5Sget_simple_extent_dims(sp, dims, nullptr);
+    EXPECT_EQ(dims[0], hsize_t(32 * 16)) << name << ": batch 32 x 16 tokens";
+    EXPECT_EQ(dims[1], hsize_t(32)) << name;
+    std::vector<float> v(dims[0] * dims[1]);
+    H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    double s = 0;
+    for (float x : v) s += std::fabs(x);
+    EXPECT_GT(s, 0.0) << name << " is all zeros";
+    H5Sclose(sp);
+    H5Dclose(d);
+  }
+  EXPECT_LE(H5Lexists(f, "step_3", H5P_DEFAULT), 0) << "step 3 was not asked for";
+  H5Fclose(f);
+  (void)ranks;
 }
 
 // Read every dataset of a checkpoint as raw floats.
