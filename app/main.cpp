@@ -18,12 +18,12 @@ int main(int argc, char *argv[]) {
   MPI_Init(&argc, &argv);
   int status = 0;
   {
-    Kokkos::ScopeGuard kokkos(argc, argv);
-    // Kokkos consumed the flags it knows; drop any other --kokkos-* so that
-    // CLI11 sees only ours.
-    std::vector<char *> args;
-    for (int i = 0; i < argc; ++i)
-      if (i == 0 || std::strncmp(argv[i], "--kokkos-", 9) != 0) args.push_back(argv[i]);
+    // Kokkos sees only the --kokkos-* flags (its unprefixed aliases such as
+    // --help or --threads would clash with ours); CLI11 sees the rest.
+    std::vector<char *> kokkos_args{argv[0]}, args{argv[0]};
+    for (int i = 1; i < argc; ++i) (std::strncmp(argv[i], "--kokkos-", 9) == 0 ? kokkos_args : args).push_back(argv[i]);
+    int kargc = static_cast<int>(kokkos_args.size());
+    Kokkos::ScopeGuard kokkos(kargc, kokkos_args.data());
     status = hexamoe::app::run(static_cast<int>(args.size()), args.data());
   }
   MPI_Finalize();
