@@ -1,6 +1,7 @@
 // Commands.cpp: command-line parsing (CLI11) and dispatch to the subcommands.
 #include "app/Commands.hpp"
 
+#include "app/Collective.hpp"
 #include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
 #include "io/Deck.hpp"
@@ -25,57 +26,6 @@ int world_rank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
-}
-
-// Load the deck on every rank. If any rank fails, every rank throws the
-// message of the lowest failing rank, so all print the same line and exit 2.
-Deck load_deck_collective(std::string const &path, std::vector<std::string> const &overrides, MPI_Comm comm) {
-  Deck deck;
-  std::string msg, where;
-  try {
-    deck = load_deck(path, overrides);
-  } catch (InputError const &e) {
-    msg = e.what();
-    where = e.where();
-  }
-  int const rank = [&] {
-    int r = 0;
-    MPI_Comm_rank(comm, &r);
-    return r;
-  }();
-  int first_bad = msg.empty() ? INT32_MAX : rank;
-  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, comm);
-  if (first_bad == INT32_MAX) return deck;
-  int len = static_cast<int>(msg.size());
-  MPI_Bcast(&len, 1, MPI_INT, first_bad, comm);
-  msg.resize(static_cast<std::size_t>(len));
-  MPI_Bcast(msg.data(), len, MPI_CHAR, first_bad, comm);
-  if (first_bad != rank) msg += " (found on rank " + std::to_string(first_bad) + ")";
-  throw InputError("", msg);
-}
-
-// Run f on every rank; if any rank throws InputError, every rank throws one
-// (the lowest failing rank's message), so no rank waits in a collective.
-template <class F>
-auto collectively(MPI_Comm comm, F &&f) {
-  std::string msg;
-  using R = decltype(f());
-  R result{};
-  try {
-    result = f();
-  } catch (InputError const &e) {
-    msg = e.what();
-  }
-  int rank = 0;
-  MPI_Comm_rank(comm, &rank);
-  int first_bad = msg.empty() ? INT32_MAX : rank;
-  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, comm);
-  if (first_bad == INT32_MAX) return result;
-  int len = static_cast<int>(msg.size());
-  MPI_Bcast(&len, 1, MPI_INT, first_bad, comm);
-  msg.resize(static_cast<std::size_t>(len));
-  MPI_Bcast(msg.data(), len, MPI_CHAR, first_bad, comm);
-  throw InputError("", msg);
 }
 
 std::string version_string() {
@@ -131,7 +81,7 @@ int run(int argc, char **argv) {
 
   try {
     if (*check_cmd) {
-      Deck deck = load_deck_collective(deck_path, overrides, MPI_COMM_WORLD);
+      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       int n = 1;
       MPI_Comm_size(MPI_COMM_WORLD, &n);
       collectively(MPI_COMM_WORLD, [&] {
@@ -142,7 +92,7 @@ int run(int argc, char **argv) {
       return 0;
     }
     if (*train_cmd) {
-      Deck deck = load_deck_collective(deck_path, overrides, MPI_COMM_WORLD);
+      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       install_preemption_handlers();
       collectively(MPI_COMM_WORLD, [&] { return train(deck, topt, MPI_COMM_WORLD).steps; });
       return 0;
@@ -158,7 +108,11 @@ int run(int argc, char **argv) {
     std::cerr << "hexamoe: error: " << e.what() << std::endl;
     return 2;
   } catch (std::exception const &e) {
-    std::cerr << "hexamoe: failed: " << e.what() << std::endl;
+    std::cerr << "hexamoe: failed on rank " << world_rank() << ": " << e.what() << std::endl;
+    // A failure on one rank would leave the others waiting in a collective.
+    int n = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &n);
+    if (n > 1) MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
   return 0;

@@ -1,6 +1,8 @@
 // Trainer.cpp: see Trainer.hpp.
 #include "app/Trainer.hpp"
 
+#include "app/Collective.hpp"
+
 #include "core/MemoryTracker.hpp"
 #include "core/model/AdamW.hpp"
 #include "core/model/VisionMoE.hpp"
@@ -291,14 +293,17 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   bool const root = rank == 0;
   Space space;
   MemoryTracker::install();
-  check_parallel(deck, nranks);
+  collectively(comm, [&] {
+    check_parallel(deck, nranks);
+    return 0;
+  });
   int const B = deck.train.batch_size;
   if (B % nranks != 0)
     throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(B) +
                                                          " does not split evenly over " + std::to_string(nranks) + " ranks");
   int const local_b = B / nranks;
 
-  Data data = load_data(deck);
+  Data data = collectively(comm, [&] { return load_data(deck); });
   if (data.train.count < B)
     throw InputError(deck.where("train.batch_size"), "the batch (" + std::to_string(B) + ") is larger than the training set (" +
                                                          std::to_string(data.train.count) + " samples)");
