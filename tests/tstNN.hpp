@@ -12,6 +12,7 @@
 #include "core/nn/CrossEntropy.hpp"
 #include "core/nn/DenseGemm.hpp"
 #include "core/nn/Gelu.hpp"
+#include "core/nn/HostMath.hpp"
 #include "core/nn/LayerNorm.hpp"
 #include "core/nn/Linear.hpp"
 #include "core/nn/MeanPool.hpp"
@@ -475,6 +476,35 @@ TEST(NN, DenseGemmRejectsMismatchedExtents) {
   } catch (std::invalid_argument const &e) {
     EXPECT_NE(std::string(e.what()).find("C is [4, 8], expected [4, 7]"), std::string::npos) << e.what();
   }
+}
+
+// The vectorisable float32 exp and erf of the host kernels against float64 libm.
+TEST(NN, HostMathAccuracy) {
+  double worst_exp = 0, worst_erf = 0, worst_gelu = 0, worst_grad = 0;
+  for (double x = -87.0; x <= 88.0; x += 1.0 / 1024) {
+    float const f = static_cast<float>(x);
+    double const ref = std::exp(double(f));
+    worst_exp = std::max(worst_exp, std::fabs(nn::fastmath::exp(f) - ref) / ref);
+  }
+  EXPECT_LT(worst_exp, 2e-7);
+  EXPECT_EQ(nn::fastmath::exp(-1000.0f), nn::fastmath::exp(-87.0f));  // clamped, not garbage
+  EXPECT_GT(nn::fastmath::exp(-1000.0f), 0.0f);
+  for (double x = -7.0; x <= 7.0; x += 1.0 / 4096) {
+    float const f = static_cast<float>(x);
+    double const ref = std::erf(double(f));
+    if (f != 0.0f) worst_erf = std::max(worst_erf, std::fabs(nn::fastmath::erf(f) - ref) / std::fabs(ref));
+    double const g = test::act_ref(Activation::gelu, double(f));
+    worst_gelu = std::max(worst_gelu, std::fabs(nn::gelu<true>(f) - g) / std::max(1.0, std::fabs(g)));
+    double const d = 0.5 * (1 + std::erf(double(f) / std::sqrt(2.0))) +
+                     double(f) * std::exp(-0.5 * double(f) * f) / std::sqrt(2 * M_PI);
+    worst_grad = std::max(worst_grad, std::fabs(nn::gelu_grad<true>(f) - d) / std::max(1.0, std::fabs(d)));
+  }
+  EXPECT_LT(worst_erf, 3e-7);
+  EXPECT_EQ(nn::fastmath::erf(0.0f), 0.0f);
+  EXPECT_EQ(nn::fastmath::erf(100.0f), 1.0f);
+  EXPECT_EQ(nn::fastmath::erf(-100.0f), -1.0f);
+  EXPECT_LT(worst_gelu, 5e-7);
+  EXPECT_LT(worst_grad, 5e-7);
 }
 
 TEST(NN, Linear) { check_module<LinearCase>({{70, 37, 53}, {200, 64, 192}}, {6, 5, 4}); }

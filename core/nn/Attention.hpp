@@ -5,19 +5,46 @@
 //   ctx[b*L + i, h*dh ..] = P[b, h] v     [B*L, D]
 //   y = ctx Wproj + bproj
 // The two projections are GEMMs over all tokens (Linear); the attention core
-// runs one team per (image, head), K^T (forward) or V^T (backward) staged in
-// scratch, each output element written by one thread in a fixed order.
+// runs one team per (image, head) (see AttentionCoreKernel), each output
+// element written by one thread in a fixed order.
 //
 // forward saves qkv, P [B*H, L, L] and ctx (module-owned buffers) and a view of
 // x; backward overwrites the gradients of both projections and writes dx.
 #pragma once
 
+#include "core/nn/HostMath.hpp"
 #include "core/nn/Linear.hpp"
 
 namespace hexamoe {
 namespace nn {
 namespace detail {
 
+// cs[M, N] += xs[M, K] ws[K, N] for row-major blocks with leading dimensions
+// ldx, ldw, ldc, as rows of axpys: cs[i, :] += xs[i, k] ws[k, :] for k in
+// increasing order. For these small blocks (L, dh <= 64) this form vectorises
+// well where register-blocked micro-kernels with run-time strides do not.
+template <class T>
+KOKKOS_INLINE_FUNCTION void host_block_gemm(T const *KOKKOS_RESTRICT xs, int ldx, T const *KOKKOS_RESTRICT ws,
+                                            int ldw, T *KOKKOS_RESTRICT cs, int ldc, int M, int N, int K) {
+  for (int i = 0; i < M; ++i) {
+    T *KOKKOS_RESTRICT c = cs + i * ldc;
+    for (int k = 0; k < K; ++k) {
+      T const a = xs[i * ldx + k];
+      T const *KOKKOS_RESTRICT w = ws + k * ldw;
+      for (int j = 0; j < N; ++j) c[j] += a * w[j];
+    }
+  }
+}
+
+// The attention core, one team per (image b, head h), for the rows
+// b*L .. b*L+L-1 and the head's columns of q, k and v.
+//   forward:  S = scale * q k^T, P = softmax(S) (saved), ctx = P v
+//   backward: dP = dctx v^T, dS = scale * P o (dP - rowsum(dP o P)),
+//             dq = dS k, dk = dS^T q, dv = P^T dctx
+// Host backends (one thread per team): every product is a small row-major
+// block product (host_block_gemm), the transposed operands (k^T, v^T, dS^T,
+// P^T) staged in scratch. Devices: each output element is one thread's dot
+// product in a fixed order, k^T or v^T staged in scratch.
 template <class ExecutionSpace, class Scalar>
 struct AttentionCoreKernel {
   using memory_space = typename ExecutionSpace::memory_space;
@@ -25,17 +52,21 @@ struct AttentionCoreKernel {
   static constexpr bool host = on_host<ExecutionSpace>;
   static constexpr int device_team_size = 128;
 
-  Matrix<Scalar const, memory_space> qkv;            // [B*L, 3D]
-  Tensor3<Scalar, memory_space> probs;               // [B*H, L, L]
-  Matrix<Scalar, memory_space> ctx;                  // [B*L, D] (forward output)
-  Matrix<Scalar const, memory_space> dctx;           // [B*L, D] (backward input)
-  Tensor3<Scalar, memory_space> dscores;             // [B*H, L, L] (backward work)
-  Matrix<Scalar, memory_space> dqkv;                 // [B*L, 3D] (backward output)
+  Matrix<Scalar const, memory_space> qkv;   // [B*L, 3D]
+  Tensor3<Scalar, memory_space> probs;      // [B*H, L, L]
+  Matrix<Scalar, memory_space> ctx;         // [B*L, D] (forward output)
+  Matrix<Scalar const, memory_space> dctx;  // [B*L, D] (backward input)
+  Tensor3<Scalar, memory_space> dscores;    // [B*H, L, L] (backward work)
+  Matrix<Scalar, memory_space> dqkv;        // [B*L, 3D] (backward output)
   int L, H, dh, D;
   Scalar scale;
   bool backward;
 
-  static std::size_t scratch_bytes(int L, int dh) { return sizeof(Scalar) * std::size_t(L) * dh + 64; }
+  // Device: k^T or v^T. Host: four [dh, L] blocks and one [L, L] block.
+  static std::size_t scratch_bytes(int L, int dh) {
+    std::size_t const n = host ? 4 * std::size_t(L) * dh + std::size_t(L) * L : std::size_t(L) * dh;
+    return sizeof(Scalar) * n + 5 * 64;
+  }
 
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
     if (backward)
@@ -44,7 +75,7 @@ struct AttentionCoreKernel {
       run_forward(team);
   }
 
-  // Stage the [L, dh] block of qkv starting at column col, transposed: t[d*L + j].
+  // t[d*L + j] = qkv(row0 + j, col + d): the [L, dh] block at column col, transposed.
   KOKKOS_INLINE_FUNCTION void stage_transposed(member_type const &team, Scalar *t, int row0, int col) const {
     Kokkos::parallel_for(Kokkos::TeamThreadRange(team, L * dh), [&](int idx) {
       int const j = idx / dh, d = idx % dh;
@@ -52,35 +83,50 @@ struct AttentionCoreKernel {
     });
   }
 
+  // Host: t[c*rows + r] = a[r*lda + c] for an [rows, cols] block, and back.
+  static KOKKOS_INLINE_FUNCTION void transpose(Scalar const *KOKKOS_RESTRICT a, int lda, Scalar *KOKKOS_RESTRICT t,
+                                               int rows, int cols) {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) t[c * rows + r] = a[r * lda + c];
+  }
+  static KOKKOS_INLINE_FUNCTION void untranspose(Scalar const *KOKKOS_RESTRICT t, Scalar *KOKKOS_RESTRICT a, int lda,
+                                                 int rows, int cols) {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) a[r * lda + c] = t[c * rows + r];
+  }
+  static KOKKOS_INLINE_FUNCTION void zero(Scalar *a, int n) {
+    for (int i = 0; i < n; ++i) a[i] = Scalar(0);
+  }
+
   KOKKOS_INLINE_FUNCTION void run_forward(member_type const &team) const {
     int const bh = team.league_rank(), b = bh / H, h = bh % H;
     int const row0 = b * L, qc = h * dh, kc = D + h * dh, vc = 2 * D + h * dh;
-    Scalar *kt = static_cast<Scalar *>(team.team_shmem().get_shmem(sizeof(Scalar) * L * dh));
-    stage_transposed(team, kt, row0, kc);
-    team.team_barrier();
     if constexpr (host) {
-      for (int i = 0; i < L; ++i) {
-        Scalar *s = &probs(bh, i, 0);
-        for (int j = 0; j < L; ++j) s[j] = Scalar(0);
-        for (int d = 0; d < dh; ++d) {
-          Scalar const q = qkv(row0 + i, qc + d) * scale;
-          Scalar const *kr = kt + d * L;
-          for (int j = 0; j < L; ++j) s[j] += q * kr[j];
-        }
-        softmax_row(s);
-        Scalar *o = &ctx(row0 + i, qc);
-        for (int d = 0; d < dh; ++d) o[d] = Scalar(0);
-        for (int j = 0; j < L; ++j) {
-          Scalar const pj = s[j];
-          Scalar const *v = &qkv(row0 + j, vc);
-          for (int d = 0; d < dh; ++d) o[d] += pj * v[d];
-        }
-      }
+      // Products with a long (L) inner dimension: S = q k^T, ctx^T = v^T P^T.
+      auto &shmem = team.team_shmem();
+      Scalar *kt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *vt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *ot = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *pt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * L));
+      int const ld = 3 * D;
+      Scalar *p = &probs(bh, 0, 0);
+      transpose(&qkv(row0, kc), ld, kt, L, dh);
+      transpose(&qkv(row0, vc), ld, vt, L, dh);
+      zero(p, L * L);
+      host_block_gemm(&qkv(row0, qc), ld, kt, L, p, L, L, L, dh);
+      for (int i = 0; i < L; ++i) softmax_row(p + i * L);
+      transpose(p, L, pt, L, L);
+      zero(ot, L * dh);
+      host_block_gemm(vt, L, pt, L, ot, L, dh, L, L);
+      untranspose(ot, &ctx(row0, qc), D, L, dh);
     } else {
+      Scalar *kt = static_cast<Scalar *>(team.team_shmem().get_shmem(sizeof(Scalar) * L * dh));
+      stage_transposed(team, kt, row0, kc);
+      team.team_barrier();
       Kokkos::parallel_for(Kokkos::TeamThreadRange(team, L * L), [&](int ij) {
         int const i = ij / L, j = ij % L;
         Scalar s = 0;
-        for (int d = 0; d < dh; ++d) s += (qkv(row0 + i, qc + d) * scale) * kt[d * L + j];
+        for (int d = 0; d < dh; ++d) s += qkv(row0 + i, qc + d) * kt[d * L + j];
         probs(bh, i, j) = s;
       });
       team.team_barrier();
@@ -95,60 +141,62 @@ struct AttentionCoreKernel {
     }
   }
 
+  // s (one row of q k^T) -> softmax(scale * s), in place.
   KOKKOS_INLINE_FUNCTION void softmax_row(Scalar *s) const {
+    for (int j = 0; j < L; ++j) s[j] *= scale;
     Scalar m = s[0];
     for (int j = 1; j < L; ++j) m = s[j] > m ? s[j] : m;
+    for (int j = 0; j < L; ++j) s[j] = exp_of<host>(s[j] - m);  // vectorises on the host
     Scalar sum = 0;
-    for (int j = 0; j < L; ++j) {
-      s[j] = compat::exp(s[j] - m);
-      sum += s[j];
-    }
+    for (int j = 0; j < L; ++j) sum += s[j];
     Scalar const inv = Scalar(1) / sum;
     for (int j = 0; j < L; ++j) s[j] *= inv;
   }
 
-  // With dS = scale * P o (dP - rowsum(dP o P)), dP = dO V^T:
-  //   dQ = dS K, dK = dS^T Q, dV = P^T dO.
+  // ds: one row of dP on entry, scale * P o (dP - <dP, P>) on exit.
+  KOKKOS_INLINE_FUNCTION void scores_grad_row(Scalar *ds, Scalar const *p) const {
+    Scalar dot = 0;
+    for (int j = 0; j < L; ++j) dot += ds[j] * p[j];
+    for (int j = 0; j < L; ++j) ds[j] = scale * p[j] * (ds[j] - dot);
+  }
+
   KOKKOS_INLINE_FUNCTION void run_backward(member_type const &team) const {
     int const bh = team.league_rank(), b = bh / H, h = bh % H;
     int const row0 = b * L, qc = h * dh, kc = D + h * dh, vc = 2 * D + h * dh;
-    Scalar *vt = static_cast<Scalar *>(team.team_shmem().get_shmem(sizeof(Scalar) * L * dh));
-    stage_transposed(team, vt, row0, vc);
-    team.team_barrier();
     if constexpr (host) {
-      for (int i = 0; i < L; ++i) {
-        Scalar *ds = &dscores(bh, i, 0);
-        Scalar const *p = &probs(bh, i, 0);
-        for (int j = 0; j < L; ++j) ds[j] = Scalar(0);
-        for (int d = 0; d < dh; ++d) {
-          Scalar const g = dctx(row0 + i, qc + d);
-          Scalar const *vr = vt + d * L;
-          for (int j = 0; j < L; ++j) ds[j] += g * vr[j];
-        }
-        scores_grad_row(ds, p);
-        Scalar *dq = &dqkv(row0 + i, qc);
-        for (int d = 0; d < dh; ++d) dq[d] = Scalar(0);
-        for (int j = 0; j < L; ++j) {
-          Scalar const a = ds[j];
-          Scalar const *k = &qkv(row0 + j, kc);
-          for (int d = 0; d < dh; ++d) dq[d] += a * k[d];
-        }
-      }
-      for (int j = 0; j < L; ++j) {
-        Scalar *dk = &dqkv(row0 + j, kc);
-        Scalar *dv = &dqkv(row0 + j, vc);
-        for (int d = 0; d < dh; ++d) dk[d] = dv[d] = Scalar(0);
-        for (int i = 0; i < L; ++i) {
-          Scalar const a = dscores(bh, i, j), pij = probs(bh, i, j);
-          Scalar const *q = &qkv(row0 + i, qc);
-          Scalar const *g = &dctx(row0 + i, qc);
-          for (int d = 0; d < dh; ++d) {
-            dk[d] += a * q[d];
-            dv[d] += pij * g[d];
-          }
-        }
-      }
+      // dP = dctx v^T; dS in place; then, with L as the inner dimension,
+      // dq^T = k^T dS^T, dk^T = q^T dS, dv^T = dctx^T P.
+      auto &shmem = team.team_shmem();
+      Scalar *vt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *kt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *qt = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *ot = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * dh));
+      Scalar *st = static_cast<Scalar *>(shmem.get_shmem(sizeof(Scalar) * L * L));
+      int const ld = 3 * D;
+      Scalar *ds = &dscores(bh, 0, 0);
+      Scalar const *p = &probs(bh, 0, 0);
+      Scalar const *g = &dctx(row0, qc);
+      transpose(&qkv(row0, vc), ld, vt, L, dh);
+      zero(ds, L * L);
+      host_block_gemm(g, D, vt, L, ds, L, L, L, dh);
+      for (int i = 0; i < L; ++i) scores_grad_row(ds + i * L, p + i * L);
+      transpose(ds, L, st, L, L);
+      transpose(&qkv(row0, kc), ld, kt, L, dh);
+      zero(ot, L * dh);
+      host_block_gemm(kt, L, st, L, ot, L, dh, L, L);
+      untranspose(ot, &dqkv(row0, qc), ld, L, dh);
+      transpose(&qkv(row0, qc), ld, qt, L, dh);
+      zero(ot, L * dh);
+      host_block_gemm(qt, L, ds, L, ot, L, dh, L, L);
+      untranspose(ot, &dqkv(row0, kc), ld, L, dh);
+      transpose(g, D, qt, L, dh);  // dctx^T (q^T is no longer needed)
+      zero(ot, L * dh);
+      host_block_gemm(qt, L, p, L, ot, L, dh, L, L);
+      untranspose(ot, &dqkv(row0, vc), ld, L, dh);
     } else {
+      Scalar *vt = static_cast<Scalar *>(team.team_shmem().get_shmem(sizeof(Scalar) * L * dh));
+      stage_transposed(team, vt, row0, vc);
+      team.team_barrier();
       Kokkos::parallel_for(Kokkos::TeamThreadRange(team, L * L), [&](int ij) {
         int const i = ij / L, j = ij % L;
         Scalar s = 0;
@@ -176,13 +224,6 @@ struct AttentionCoreKernel {
         dqkv(row0 + j, vc + d) = dv;
       });
     }
-  }
-
-  // ds holds dP of one row on entry, scale * P o (dP - <dP, P>) on exit.
-  KOKKOS_INLINE_FUNCTION void scores_grad_row(Scalar *ds, Scalar const *p) const {
-    Scalar dot = 0;
-    for (int j = 0; j < L; ++j) dot += ds[j] * p[j];
-    for (int j = 0; j < L; ++j) ds[j] = scale * p[j] * (ds[j] - dot);
   }
 };
 
