@@ -110,6 +110,18 @@ for f in slurm/hexamoe-cpu.sbatch slurm/hexamoe-gpu.sbatch inputs/quick.toml; do
   [ -f "$source_dir/$f" ] || fail "$source_dir/$f is missing"
 done
 
+# The job scripts refuse what would break their restart logic (no Slurm needed).
+for script in hexamoe-cpu.sbatch hexamoe-gpu.sbatch; do
+  for bad in "--set run.output_dir=elsewhere" "--restart latest"; do
+    # shellcheck disable=SC2086 # split on purpose
+    msg="$(env -u SLURM_JOB_ID bash "$source_dir/slurm/$script" deck.toml $bad 2>&1)"
+    rc=$?
+    [ "$rc" -eq 2 ] && [[ "$msg" == *"do not"* ]] || fail "$script accepted '$bad' (exit $rc: $msg)"
+  done
+  msg="$(env -u SLURM_JOB_ID bash "$source_dir/slurm/$script" 2>&1)"
+  [ $? -eq 2 ] && [[ "$msg" == usage:* ]] || fail "$script without a deck: $msg"
+done
+
 missing=0
 for b in slurmctld slurmd sbatch squeue scontrol scancel munged setpriv; do
   command -v "$b" >/dev/null 2>&1 || missing=1
