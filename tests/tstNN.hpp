@@ -389,8 +389,8 @@ void check_float_backward(std::vector<int> const &dims, unsigned seed) {
   std::mt19937 rng(seed + 2000);
   Vec R = test::rounded<float>(test::random_vec(f.output().span(), rng));
   auto ext0 = f.output().extent(0), ext1 = f.output().extent(1);
-  auto fs = f.params();
-  auto ds = d.params();
+  decltype(f.params()) fs = f.params();  // not auto: nvcc 13 mis-deduces it across instantiations
+  decltype(d.params()) ds = d.params();
   fs.push_back(f.input());
   ds.push_back(d.input());
   for (auto &s : fs) test::poison<float>(s.grad);

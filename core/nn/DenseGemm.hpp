@@ -11,6 +11,12 @@
 //   the machinery of core/TileGemm.hpp, where each element of C is computed by
 //   one thread in a fixed order over K (deterministic).
 // With beta = 0, C is never read (it may hold NaN), as in BLAS.
+//
+// OpenBLAS picks its kernels from the CPU model at load time; where it does not
+// recognise the model (some virtual machines report a generic "Intel Xeon
+// Processor") it falls back to its Prescott (SSE3) kernels, 3-5x slower than
+// the AVX-512 ones. OPENBLAS_CORETYPE=SkylakeX (or Haswell) in the environment
+// of the run overrides the detection.
 #pragma once
 
 #include "core/TileGemm.hpp"
