@@ -229,7 +229,8 @@ class PipelineSharedCache {
     }
   }
 
- private:
+ public:
+  // (Public because pack(), a public member for CUDA's sake, takes it.)
   struct Layer {
     int E = 0, d = 0, H = 0;
     ExpertSlice slice;
@@ -240,6 +241,8 @@ class PipelineSharedCache {
     Kokkos::View<int *, memory_space> owner, off, cnt;
     Kokkos::View<std::int64_t *, memory_space> base;
   };
+
+ private:
   struct Slot {
     flat_view buf;
     typename flat_view::HostMirror host;
