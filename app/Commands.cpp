@@ -6,6 +6,7 @@
 #include "bench/LayerBench.hpp"
 #include "io/Deck.hpp"
 #include "io/InputError.hpp"
+#include "parallel/MoeFactory.hpp"
 
 #include <CLI/CLI.hpp>
 #include <Kokkos_Core.hpp>
@@ -70,6 +71,12 @@ int run(int argc, char **argv) {
   auto *check_cmd = cli.add_subcommand("check", "Validate a deck and print it fully resolved (exit 0 valid, 2 invalid)");
   check_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
   check_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
+  // hexamoe plan (parallel/): run with the job's rank count, e.g. mpiexec -n 4 hexamoe plan DECK.
+  auto *plan_cmd = cli.add_subcommand(
+      "plan", "Print the MoE parallel plan of a deck on this job's ranks: per MoE layer the mode, the proportions, the "
+              "predicted time and the memory per rank (start-up benchmarks, no training)");
+  plan_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
+  plan_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
 
   try {
     cli.parse(argc, argv);
@@ -95,6 +102,23 @@ int run(int argc, char **argv) {
       Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       install_preemption_handlers();
       collectively(MPI_COMM_WORLD, [&] { return train(deck, topt, MPI_COMM_WORLD).steps; });
+      return 0;
+    }
+    if (*plan_cmd) {
+      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
+      int n = 1;
+      MPI_Comm_size(MPI_COMM_WORLD, &n);
+      collectively(MPI_COMM_WORLD, [&] {
+        check_parallel(deck, n);
+        if (deck.train.batch_size < n)
+          throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(deck.train.batch_size) +
+                                                               " is smaller than the " + std::to_string(n) +
+                                                               " ranks (each needs a sample)");
+        return 0;
+      });
+      Kokkos::DefaultExecutionSpace space;
+      parallel::MoeFactory<Kokkos::DefaultExecutionSpace> moe(space, deck, MPI_COMM_WORLD, /*measure=*/true);
+      if (world_rank() == 0) std::cout << parallel::format_plan(moe.plan(), "hexamoe plan " + deck_path);
       return 0;
     }
     if (*bench_cmd) {

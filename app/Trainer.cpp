@@ -9,6 +9,7 @@
 #include "io/Checkpoint.hpp"
 #include "io/Dataset.hpp"
 #include "io/InputError.hpp"
+#include "parallel/MoeFactory.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -22,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <numeric>
 #include <iostream>
 #include <sstream>
 
@@ -171,11 +173,19 @@ EvalResult evaluate(VisionMoE<Space> &model, ImageSet const &set, int batch, MPI
   ImagesView images;
   LabelsView labels;
   Space space;
-  for (std::int64_t s = lo; s < hi; s += batch) {
+  // Parallel MoE layers are collective: every rank runs as many forwards as
+  // the rank with the most batches (extra ones on one sample, not counted).
+  long batches = long((hi - lo + batch - 1) / batch);
+  MPI_Allreduce(MPI_IN_PLACE, &batches, 1, MPI_LONG, MPI_MAX, comm);
+  for (long b = 0; b < batches; ++b) {
+    std::int64_t const s = lo + b * batch;
     std::vector<std::int64_t> idx;
     for (std::int64_t i = s; i < std::min(hi, s + batch); ++i) idx.push_back(i);
+    bool const counted = !idx.empty();
+    if (!counted) idx.push_back(std::min<std::int64_t>(lo, set.count - 1));
     stage_batch(set, idx, images, labels);
     StepStats st = model.forward(space, images, labels);
+    if (!counted) continue;
     sums[0] += st.loss * st.count;
     sums[1] += st.correct;
     sums[2] += st.count;
@@ -209,8 +219,10 @@ HostState snapshot(AdamW<Space> const &opt) {
 
 Shape shape_of(Parameter<Mem> const &p) { return Shape(p.shape.begin(), p.shape.end()); }
 
+// shard_writer: false on the replicas of an expert slice in MoE groups other
+// than the first (the slice is written once).
 void save_checkpoint(Deck const &deck, std::string const &signature, AdamW<Space> const &opt, EpochOrder const &order,
-                     long step, MPI_Comm comm) {
+                     long step, MPI_Comm comm, bool shard_writer = true) {
   compat::ScopedRegion region("hexamoe::save_checkpoint");
   HostState h = snapshot(opt);
   std::vector<TensorSlice> tensors;
@@ -219,8 +231,10 @@ void save_checkpoint(Deck const &deck, std::string const &signature, AdamW<Space
     Shape const s = shape_of(params[i]);
     auto slice = [&](std::string const &group, float const *data) {
       if (!params[i].sharded()) return TensorSlice::whole(group + params[i].name, s, data);
-      return TensorSlice::block(group + params[i].name, s, Shape(params[i].offset.begin(), params[i].offset.end()),
-                                Shape(params[i].count.begin(), params[i].count.end()), data);
+      Shape count(params[i].count.begin(), params[i].count.end());
+      if (!shard_writer) count.assign(count.size(), 0);
+      return TensorSlice::block(group + params[i].name, s, Shape(params[i].offset.begin(), params[i].offset.end()), count,
+                                data);
     };
     tensors.push_back(slice("params/", h.values[i].data()));
     tensors.push_back(slice("adamw_m/", h.m[i].data()));
@@ -298,10 +312,16 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     return 0;
   });
   int const B = deck.train.batch_size;
-  if (B % nranks != 0)
-    throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(B) +
-                                                         " does not split evenly over " + std::to_string(nranks) + " ranks");
-  int const local_b = B / nranks;
+  if (B < nranks)
+    throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(B) + " is smaller than the " +
+                                                         std::to_string(nranks) + " ranks (each needs a sample)");
+  // ---- MoE parallel modes (parallel/): the MoE group and the plan (mode and
+  // proportions per MoE layer, the batch share of each rank; measured at
+  // start-up when a choice needs it). Collective.
+  parallel::MoeFactory<Space> moe_parallel(space, deck, comm);
+  int const local_b = moe_parallel.plan().batch.at(std::size_t(rank));
+  long const first_b = std::accumulate(moe_parallel.plan().batch.begin(), moe_parallel.plan().batch.begin() + rank, 0L);
+  // ---- end MoE parallel modes
 
   Data data = collectively(comm, [&] { return load_data(deck); });
   if (data.train.count < B)
@@ -316,6 +336,18 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   typename VisionMoE<Space>::FfnFactory factory;
   if (deck.moe.dtype == MoeSection::Dtype::bfloat16)
     factory = [](MoeLayerConfig const &c, int) { return std::make_unique<LocalMoeFfnBf16<Space>>(c); };
+  // ---- MoE parallel modes (parallel/): the layers built in their planned mode.
+  if (!factory) {
+    factory = moe_parallel.factory();
+  } else if (deck.parallel.mode != ParallelSection::Mode::automatic) {
+    throw InputError(deck.where("parallel.mode"), std::string("parallel.mode = \"") + to_string(deck.parallel.mode) +
+                                                      "\" needs moe.dtype = \"float32\" (bfloat16 experts run replicated)");
+  }
+  int const moe_replicas = moe_parallel.group().num_replicas();
+  bool const moe_shard_writer = moe_parallel.group().replica() == 0;
+  if (root && !topt.quiet && nranks > 1 && deck.moe.dtype == MoeSection::Dtype::float32)
+    std::cout << parallel::format_plan(moe_parallel.plan(), "MoE plan") << std::flush;
+  // ---- end MoE parallel modes
   VisionMoE<Space> model(space, spec, factory);
   model.init(std::uint64_t(deck.run.seed));
   std::string const signature =
@@ -370,7 +402,7 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
 
   while (step < total) {
     std::vector<std::int64_t> batch = order.next_batch(B);
-    std::vector<std::int64_t> mine(batch.begin() + long(rank) * local_b, batch.begin() + long(rank + 1) * local_b);
+    std::vector<std::int64_t> mine(batch.begin() + first_b, batch.begin() + first_b + local_b);
     stage_batch(data.train, mine, images, labels);
     StepStats st = model.forward(space, images, labels);
     model.backward(space, double(local_b) / double(B));
@@ -381,6 +413,7 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     double sq[2] = {0, 0};  // replicated (identical on every rank), sharded (this rank's slice)
     for (auto const &p : params) sq[p.sharded() ? 1 : 0] += AdamW<Space>::sq_norm(space, p.grad);
     MPI_Allreduce(MPI_IN_PLACE, &sq[1], 1, MPI_DOUBLE, MPI_SUM, comm);
+    sq[1] /= moe_replicas;  // each expert slice is held by one rank per MoE group
     double const norm = std::sqrt(sq[0] + sq[1]);
     double const clip = deck.train.clip_norm > 0 && norm > deck.train.clip_norm ? deck.train.clip_norm / (norm + 1e-6) : 1.0;
     double const lr = learning_rate(step, total, deck.train.lr, deck.train.min_lr, deck.train.warmup_steps,
@@ -402,8 +435,8 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
         auto [in, out] = model.ffn_io(layer);
         auto hin = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), in);
         auto hout = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), out);
-        std::size_t const rows = in.extent(0), cols = in.extent(1), nr = std::size_t(nranks), rk = std::size_t(rank);
-        Shape const g{rows * nr, cols}, off{rows * rk, 0}, cnt{rows, cols};
+        std::size_t const rows = in.extent(0), cols = in.extent(1), per_image = rows / std::size_t(local_b);
+        Shape const g{per_image * std::size_t(B), cols}, off{per_image * std::size_t(first_b), 0}, cnt{rows, cols};
         write_activations(comm, deck.derived.activations_path,
                           "step_" + std::to_string(step) + "/layer_" + std::to_string(layer),
                           {TensorSlice::block("input", g, off, cnt, hin.data()),
@@ -474,12 +507,12 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     }
 
     if (deck.checkpoint.every > 0 && step % deck.checkpoint.every == 0 && step < total)
-      save_checkpoint(deck, signature, opt, order, step, comm);
+      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
 
     int stop = g_stop_requested.load() || (topt.stop_after > 0 && long(sum.step_losses.size()) >= topt.stop_after);
     MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, comm);
     if (stop && step < total) {
-      save_checkpoint(deck, signature, opt, order, step, comm);
+      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
       bar.clear();
       if (root) std::cout << "preempted at step " << step << ", checkpoint written" << std::endl;
       sum.preempted = true;
@@ -491,7 +524,7 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   sum.steps = step;
   sum.test_loss = last_eval.loss;
   sum.test_accuracy = last_eval.accuracy;
-  if (!sum.preempted && deck.checkpoint.at_end && step > 0) save_checkpoint(deck, signature, opt, order, step, comm);
+  if (!sum.preempted && deck.checkpoint.at_end && step > 0) save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
   sum.wall_seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   if (root && !sum.preempted) {
     std::ofstream js(fs::path(deck.run.output_dir) / "summary.json");

@@ -5,6 +5,12 @@
 // centric: p_i proportional to R_i; data-centric: the slices only set memory
 // and traffic, so they are equal), unless the deck gives them.
 //
+// It also splits the global batch over the ranks: evenly (the remainder to
+// the lowest ranks; any batch of at least one sample per rank), or, when the
+// rates differ and data-centric layers run, in proportion to the rates (the
+// data-centric compute of a rank is its own tokens) if that predicts a
+// shorter step.
+//
 // make_plan is a pure function of its inputs; plan_for_deck measures the
 // machine when a decision depends on it (collective) and gives every rank of
 // the job the same plan (the measurements are agreed on first).
@@ -15,6 +21,7 @@
 #include "parallel/ModeCostModel.hpp"
 #include "parallel/MoeGroup.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <ostream>
 #include <string>
@@ -38,6 +45,7 @@ struct Plan {
   bool measured = false;
   std::vector<LayerPlan> layers;
   double cache_bytes = 0;  // data-centric cache per rank (all data-centric layers)
+  std::vector<int> batch;  // samples of the global batch per job rank
 
   int groups() const { return job_ranks / group_size; }
   LayerPlan const *for_block(int block) const {
@@ -91,11 +99,25 @@ inline Plan make_plan(ParallelSection::Mode mode, std::vector<double> const &pro
   return plan;
 }
 
-// The MoE layers of the deck's model as seen by a group of `n` ranks, each
-// with its share of the global batch.
-inline std::vector<LayerShape> layer_shapes(Deck const &deck, int group_size, int job_ranks) {
+// `total` split in proportion to `weights` (equal if empty): integers summing
+// to total (largest remainder, ties to the lower rank), each at least 1 when
+// total allows.
+inline std::vector<int> split_batch(int total, std::vector<double> weights, int ranks) {
+  if (weights.empty()) weights.assign(std::size_t(ranks), 1.0);
+  auto s = ExpertSlice::split(total, weights, ranks).counts;
+  for (int i = 0; i < ranks; ++i)
+    while (s[i] < 1 && total >= ranks) {
+      auto big = std::max_element(s.begin(), s.end());
+      --*big;
+      ++s[i];
+    }
+  return s;
+}
+
+// The MoE layers of the deck's model as seen by MoE group 0, whose ranks
+// hold batch[0 .. group_size) samples.
+inline std::vector<LayerShape> layer_shapes(Deck const &deck, int group_size, std::vector<int> const &batch) {
   std::vector<LayerShape> out;
-  int const local_batch = deck.train.batch_size / job_ranks;
   for (int b : deck.derived.moe_blocks) {
     LayerShape s;
     s.block = b;
@@ -103,7 +125,7 @@ inline std::vector<LayerShape> layer_shapes(Deck const &deck, int group_size, in
     s.hidden = deck.derived.hidden;
     s.experts = deck.moe.experts;
     s.top_k = deck.moe.top_k;
-    s.tokens.assign(std::size_t(group_size), local_batch * deck.derived.num_patches);
+    for (int i = 0; i < group_size; ++i) s.tokens.push_back(batch.at(std::size_t(i)) * deck.derived.num_patches);
     out.push_back(s);
   }
   return out;
@@ -163,51 +185,71 @@ Plan plan_for_deck(ExecutionSpace const &space, Deck const &deck, MoeGroup const
     MPI_Bcast(props.data(), n, MPI_DOUBLE, 0, group.replicas());
     from += ", deck proportions";
   }
-  Plan plan = make_plan(p.mode, props, layer_shapes(deck, n, job_ranks), m, job_ranks);
+  int const B = deck.train.batch_size;
+  std::vector<int> const even = split_batch(B, {}, job_ranks);
+  Plan plan = make_plan(p.mode, props, layer_shapes(deck, n, even), m, job_ranks);
+  plan.batch = even;
+  // Batch shares by rate (rates per job rank: the group's, for every group).
+  std::vector<double> job_rates;
+  for (int r = 0; r < job_ranks; ++r) job_rates.push_back(m.rates[std::size_t(r % n)]);
+  std::vector<int> const rated = split_batch(B, job_rates, job_ranks);
+  bool const any_data = std::any_of(plan.layers.begin(), plan.layers.end(),
+                                    [](LayerPlan const &l) { return l.mode == MoeMode::data; });
+  if (rated != even && (any_data || p.mode == ParallelSection::Mode::automatic)) {
+    Plan alt = make_plan(p.mode, props, layer_shapes(deck, n, rated), m, job_ranks);
+    alt.batch = rated;
+    if (alt.predicted_seconds() < plan.predicted_seconds()) plan = std::move(alt);
+  }
   plan.rates_from = from;
   plan.measured = measured;
   return plan;
 }
 
 inline std::string format_plan(Plan const &plan, std::string const &title) {
-  std::string out;
-  char buf[512];
-  auto add = [&](char const *fmt, auto... a) {
-    std::snprintf(buf, sizeof buf, fmt, a...);
-    out += buf;
+  auto fmt = [](char const *f, double v) {
+    char b[64];
+    std::snprintf(b, sizeof b, f, v);
+    return std::string(b);
+  };
+  auto join = [&](std::vector<double> const &v, char const *f, double scale) {
+    std::string s;
+    for (double x : v) s += (s.empty() ? "" : " ") + fmt(f, x * scale);
+    return s;
   };
   int const n = plan.group_size;
-  add("%s: %d rank(s), %d MoE group(s) of %d, %zu MoE layer(s)\n", title.c_str(), plan.job_ranks, plan.groups(), n,
-      plan.layers.size());
-  add("rates (GFLOP/s, %s):", plan.rates_from.c_str());
-  for (double r : plan.machine.rates) add(" %.2f", r * 1e-9);
-  if (n > 1) add(" | bandwidth %.2f GB/s, latency %.1f us", plan.machine.bandwidth * 1e-9, plan.machine.latency * 1e6);
+  std::string out = title + ": " + std::to_string(plan.job_ranks) + " rank(s), " + std::to_string(plan.groups()) +
+                    " MoE group(s) of " + std::to_string(n) + ", " + std::to_string(plan.layers.size()) +
+                    " MoE layer(s)\n";
+  out += "rates (GFLOP/s, " + plan.rates_from + "): " + join(plan.machine.rates, "%.2f", 1e-9);
+  if (n > 1)
+    out += " | bandwidth " + fmt("%.2f", plan.machine.bandwidth * 1e-9) + " GB/s, latency " +
+           fmt("%.1f", plan.machine.latency * 1e6) + " us";
   out += "\n";
-  add("%-6s %-6s %-*s %12s %12s %12s %s\n", "block", "mode", 7 * n, "proportions", "data ms", "model ms", "predicted ms",
-      "memory per rank MiB");
+  std::vector<std::vector<std::string>> rows = {
+      {"block", "mode", "proportions", "data ms", "model ms", "predicted ms", "memory per rank MiB"}};
   for (auto const &l : plan.layers) {
-    std::string pr;
-    for (double v : l.proportions) {
-      std::snprintf(buf, sizeof buf, "%.3f ", v);
-      pr += buf;
-    }
-    std::string mem;
-    for (double v : l.chosen().memory) {
-      std::snprintf(buf, sizeof buf, "%s%.1f", mem.empty() ? "" : " ", v / (1 << 20));
-      mem += buf;
-    }
-    auto ms = [](ModeCost const &c) { return c.time * 1e3; };
-    if (l.mode == MoeMode::local)
-      add("%-6d %-6s %-*s %12s %12s %12.2f %s\n", l.shape.block, to_string(l.mode), 7 * n, pr.c_str(), "-", "-",
-          ms(l.local), mem.c_str());
-    else
-      add("%-6d %-6s %-*s %12.2f %12.2f %12.2f %s\n", l.shape.block, to_string(l.mode), 7 * n, pr.c_str(), ms(l.data),
-          ms(l.model), ms(l.chosen()), mem.c_str());
+    bool const local = l.mode == MoeMode::local;
+    rows.push_back({std::to_string(l.shape.block), to_string(l.mode), join(l.proportions, "%.3f", 1),
+                    local ? "-" : fmt("%.2f", l.data.time * 1e3), local ? "-" : fmt("%.2f", l.model.time * 1e3),
+                    fmt("%.2f", l.chosen().time * 1e3), join(l.chosen().memory, "%.1f", 1.0 / (1 << 20))});
   }
-  add("data-centric cache: %.1f MiB per rank (2 weight slots + gradient + reduce buffer, shared by all layers)\n",
-      plan.cache_bytes / (1 << 20));
-  add("predicted MoE time per training step: %.2f ms (tokens per rank: %d)\n", plan.predicted_seconds() * 1e3,
-      plan.layers.empty() ? 0 : plan.layers.front().shape.tokens.front());
+  std::vector<std::size_t> w(rows[0].size(), 0);
+  for (auto const &r : rows)
+    for (std::size_t c = 0; c < r.size(); ++c) w[c] = std::max(w[c], r[c].size());
+  for (auto const &r : rows) {
+    std::string line;
+    for (std::size_t c = 0; c < r.size(); ++c) {
+      bool const right = c >= 3 && c <= 5;  // numbers
+      std::string const pad(w[c] - r[c].size(), ' ');
+      line += (c ? "  " : "") + (right ? pad + r[c] : (c + 1 < r.size() ? r[c] + pad : r[c]));
+    }
+    out += line + "\n";
+  }
+  out += "data-centric cache: " + fmt("%.1f", plan.cache_bytes / (1 << 20)) +
+         " MiB per rank (2 weight slots, gradient and reduce buffers, shared by all data-centric layers)\n";
+  std::vector<double> batch(plan.batch.begin(), plan.batch.end());
+  out += "batch per rank: " + join(batch, "%.0f", 1) + "\n";
+  out += "predicted MoE time per training step: " + fmt("%.2f", plan.predicted_seconds() * 1e3) + " ms\n";
   return out;
 }
 

@@ -31,6 +31,8 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <random>
@@ -365,6 +367,299 @@ TEST(Parallel, DataCentricExpertMemoryFallsAsOneOverN) {
     EXPECT_EQ(b.cache, 2 * full) << "the cache is not four layer-sized buffers (two weight slots, gradient, reduce)";
     EXPECT_EQ(b.whole, 0) << "a data-centric layer still holds whole-layer expert tensors";
   }
+}
+
+
+// ---- Training through the trainer ------------------------------------------
+
+namespace fs = std::filesystem;
+
+// A small model with two MoE layers (both blocks) on synthetic data; a batch
+// of 10 splits unevenly over 3 and 4 ranks. No auxiliary loss: its per-rank
+// average over different token sets is not the one-rank value, the rest is.
+std::string const train_deck_text = R"(
+[run]
+name = "parallel-test"
+seed = 3
+[data]
+source = "synthetic"
+synthetic_train = 200
+synthetic_test = 40
+image_size = 8
+channels = 1
+classes = 4
+[model]
+patch_size = 4
+dim = 16
+depth = 2
+heads = 2
+mlp_ratio = 3.0
+moe_every = 1
+[moe]
+experts = 4
+top_k = 2
+aux_loss_weight = 0.0
+[train]
+max_steps = 6
+batch_size = 10
+lr = 1e-2
+warmup_steps = 0
+log_every = 0
+eval_batch_size = 16
+[checkpoint]
+keep = 10
+[output]
+progress = "off"
+metrics = false
+)";
+
+// A fresh directory, the same on every rank of comm.
+std::string fresh_dir(std::string const &name, MPI_Comm comm = MPI_COMM_WORLD) {
+  std::string d = testing::TempDir() + "hexamoe_parallel_" + name + "_np" + std::to_string(world_size());
+  int r = 0;
+  MPI_Comm_rank(comm, &r);
+  if (r == 0) fs::remove_all(d);
+  MPI_Barrier(comm);
+  return d;
+}
+
+Deck train_deck(std::string const &dir, std::vector<std::string> extra = {}) {
+  extra.push_back("run.output_dir=\"" + dir + "\"");
+  return parse_deck(train_deck_text, "parallel-test.toml", extra);
+}
+
+app::TrainSummary train_on(MPI_Comm comm, Deck const &deck, std::string const &restart = "", long stop_after = 0) {
+  app::TrainOptions o;
+  o.quiet = true;
+  o.restart = restart;
+  o.stop_after = stop_after;
+  return app::train(deck, o, comm);
+}
+
+// The first `k` ranks of the job (MPI_COMM_NULL elsewhere).
+MPI_Comm first_ranks(int k) {
+  MPI_Comm c;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() < k ? 0 : MPI_UNDEFINED, world_rank(), &c);
+  return c;
+}
+
+// Losses of a run on the first k ranks, known on every rank of the job.
+std::vector<double> losses_on_first(int k, std::function<app::TrainSummary(MPI_Comm)> run) {
+  MPI_Comm c = first_ranks(k);
+  std::vector<double> l;
+  if (c != MPI_COMM_NULL) {
+    l = run(c).step_losses;
+    MPI_Comm_free(&c);
+  }
+  int len = static_cast<int>(l.size());
+  MPI_Bcast(&len, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  l.resize(std::size_t(len));
+  MPI_Bcast(l.data(), len, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  return l;
+}
+
+void expect_losses(std::string const &what, std::vector<double> const &got, std::vector<double> const &want,
+                   std::size_t want_from, double rel) {
+  ASSERT_EQ(got.size() + want_from, want.size()) << what;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    EXPECT_NEAR(got[i], want[want_from + i], rel * std::fabs(want[want_from + i]))
+        << what << ": step " << want_from + i + 1 << " on rank " << world_rank();
+}
+
+// Losses of n ranks in each mode against one rank (local layers): float
+// rounding only (1e-6 relative over six steps; seen: 2e-8).
+TEST(Parallel, TrainingLossesMatchOneRank) {
+  std::vector<double> const one = losses_on_first(1, [](MPI_Comm c) { return train_on(c, train_deck(fresh_dir("one", c))); });
+  ASSERT_EQ(one.size(), 6u);
+  for (char const *mode : {"data", "model"}) {
+    auto const got = train_on(MPI_COMM_WORLD, train_deck(fresh_dir(std::string("n-") + mode), {std::string("parallel.mode=") + mode}));
+    expect_losses(std::string("mode ") + mode, got.step_losses, one, 0, 1e-6);
+  }
+}
+
+// A data-centric checkpoint restarts in model-centric mode (same ranks), and
+// continues as the uninterrupted data-centric run.
+TEST(Parallel, DataCentricCheckpointRestartsModelCentric) {
+  auto const straight = train_on(MPI_COMM_WORLD, train_deck(fresh_dir("straight"), {"parallel.mode=data"}));
+  std::string const d = fresh_dir("stopped");
+  auto const first = train_on(MPI_COMM_WORLD, train_deck(d, {"parallel.mode=data"}), "", 3);
+  ASSERT_TRUE(first.preempted);
+  std::string const ckpt = find_latest_checkpoint(d + "/checkpoints");
+  ASSERT_FALSE(ckpt.empty());
+  auto const rest = train_on(MPI_COMM_WORLD, train_deck(fresh_dir("resumed"), {"parallel.mode=model"}), ckpt);
+  EXPECT_EQ(rest.steps, 6);
+  expect_losses("data -> model restart", rest.step_losses, straight.step_losses, 3, 1e-6);
+}
+
+// A checkpoint of 2 ranks restarts on 3 (both modes) and continues as the
+// uninterrupted 2-rank run.
+TEST(Parallel, TwoRankCheckpointRestartsOnThree) {
+  if (world_size() < 3) GTEST_SKIP() << "needs 3 ranks";
+  std::string const dstraight = fresh_dir("two-straight"), dstop = fresh_dir("two-stopped");
+  auto const straight = losses_on_first(2, [&](MPI_Comm c) { return train_on(c, train_deck(dstraight, {"parallel.mode=data"})); });
+  losses_on_first(2, [&](MPI_Comm c) { return train_on(c, train_deck(dstop, {"parallel.mode=data"}), "", 3); });
+  std::string const ckpt = find_latest_checkpoint(dstop + "/checkpoints");
+  ASSERT_FALSE(ckpt.empty());
+  for (char const *mode : {"data", "model"}) {
+    std::string const dir = fresh_dir(std::string("three-") + mode);
+    auto const rest = losses_on_first(3, [&](MPI_Comm c) {
+      return train_on(c, train_deck(dir, {std::string("parallel.mode=") + mode}), ckpt);
+    });
+    expect_losses(std::string("2 -> 3 ranks, ") + mode, rest, straight, 3, 1e-6);
+  }
+}
+
+// ---- Planner -------------------------------------------------------------------
+
+LayerShape swin_s_stage3(int ranks, int tokens_per_rank) {
+  LayerShape s;
+  s.dim = 384;
+  s.hidden = 1536;
+  s.experts = 8;
+  s.top_k = 1;
+  s.tokens.assign(std::size_t(ranks), tokens_per_rank);
+  return s;
+}
+
+TEST(Parallel, PlannerPicksDataCentricForLargeBatchesAndModelCentricForSmall) {
+  MachineModel m;
+  m.rates.assign(4, 1e11);
+  m.bandwidth = 1e9;
+  auto const big = make_plan(ParallelSection::Mode::automatic, {}, {swin_s_stage3(4, 256 * 196 / 4)}, m, 4);
+  auto const small = make_plan(ParallelSection::Mode::automatic, {}, {swin_s_stage3(4, 4 * 196 / 4)}, m, 4);
+  EXPECT_EQ(big.layers[0].mode, MoeMode::data) << format_plan(big, "large batch");
+  EXPECT_EQ(small.layers[0].mode, MoeMode::model) << format_plan(small, "small batch");
+  // data-centric moves 3 |W| (n-1)/n, model-centric ~ 4 T d floats (n-1)/n per rank.
+  LayerShape const s = swin_s_stage3(4, 196);
+  EXPECT_NEAR(small.layers[0].data.comm[0], 3.0 * s.weight_bytes() * 0.75 / m.bandwidth, 1e-12);
+  EXPECT_NEAR(small.layers[0].model.comm[0], 4.0 * (4 * 196 - 196) * (4.0 * 384 + 3.0) / m.bandwidth, 1e-12);
+  auto const forced = make_plan(ParallelSection::Mode::data, {}, {swin_s_stage3(4, 196)}, m, 4);
+  EXPECT_EQ(forced.layers[0].mode, MoeMode::data);
+  auto const one = make_plan(ParallelSection::Mode::automatic, {}, {swin_s_stage3(1, 196)}, MachineModel{{1e11}, 1e9, 0}, 1);
+  EXPECT_EQ(one.layers[0].mode, MoeMode::local);
+}
+
+TEST(Parallel, PlannerGivesSlowerRankProportionallySmallerShare) {
+  MachineModel m;
+  m.rates = {3e10, 3e10, 1e10};  // rank 2 three times slower
+  m.bandwidth = 1e10;
+  auto const p = make_plan(ParallelSection::Mode::model, {}, {swin_s_stage3(3, 1000)}, m, 3);
+  auto const &pr = p.layers[0].proportions;
+  EXPECT_NEAR(pr[2] / pr[0], 1.0 / 3.0, 1e-12);
+  EXPECT_NEAR(pr[0], 3.0 / 7.0, 1e-12);
+  auto const &sl = p.layers[0].slice;  // 1536 * 3/7 = 658.29, 1536 / 7 = 219.43: the spare unit to the largest remainder
+  EXPECT_EQ(sl.counts, (std::vector<int>{658, 658, 220}));
+  auto const &c = p.layers[0].model.compute;
+  EXPECT_LT(*std::max_element(c.begin(), c.end()) / *std::min_element(c.begin(), c.end()), 1.01) << "not balanced";
+  // Deck rates at this job's rank count: the last rank 3x slower. Model mode
+  // sets proportions, data mode the batch shares.
+  int const n = world_size();
+  if (n < 2) return;
+  std::vector<std::string> rates;
+  std::string list = "[";
+  for (int r = 0; r < n; ++r) list += std::string(r ? ", " : "") + (r == n - 1 ? "1.0" : "3.0");
+  list += "]";
+  for (char const *mode : {"model", "data"}) {
+    Deck const deck = train_deck(fresh_dir("plan"), {std::string("parallel.mode=") + mode, "parallel.rates=" + list,
+                                                     "train.batch_size=" + std::to_string(30 * n)});
+    MoeFactory<Space> f(Space(), deck, MPI_COMM_WORLD);
+    auto const &lp = f.plan().layers.at(0);
+    if (std::string(mode) == "model") {
+      EXPECT_NEAR(lp.proportions[n - 1] / lp.proportions[0], 1.0 / 3.0, 1e-12);
+    } else {
+      auto const &b = f.plan().batch;
+      EXPECT_NEAR(double(b[n - 1]) / b[0], 1.0 / 3.0, 0.05) << "batch shares " << ::testing::PrintToString(b);
+    }
+  }
+}
+
+// The start-up benchmark sees a rank slowed 3x by parallel.slowdown and the
+// planner gives it about a third of a fast rank's share. Timing on a shared
+// machine: up to three attempts, each measured afresh.
+TEST(Parallel, PlannerMeasuresSimulatedSlowdown) {
+  int const n = world_size();
+  if (n < 2) GTEST_SKIP() << "needs 2 ranks";
+  std::string list = "[";
+  for (int r = 0; r < n; ++r) list += std::string(r ? ", " : "") + (r == n - 1 ? "3.0" : "1.0");
+  list += "]";
+  Deck const deck = train_deck(fresh_dir("slow"), {"parallel.mode=model", "parallel.slowdown=" + list});
+  double ratio = 0;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    MoeFactory<Space> f(Space(), deck, MPI_COMM_WORLD);
+    EXPECT_TRUE(f.plan().measured);
+    auto const &p = f.plan().layers.at(0).proportions;
+    ratio = p[n - 1] / p[0];
+    if (ratio > 0.22 && ratio < 0.45) break;
+  }
+  EXPECT_GT(ratio, 0.22);
+  EXPECT_LT(ratio, 0.45);
+}
+
+// ---- Bad input -------------------------------------------------------------------
+
+// Run the driver on every rank with stderr captured; returns (status, message).
+std::pair<int, std::string> run_driver(std::vector<std::string> args) {
+  std::vector<char *> argv;
+  for (auto &a : args) argv.push_back(a.data());
+  std::ostringstream err;
+  auto *old = std::cerr.rdbuf(err.rdbuf());
+  int const status = app::run(static_cast<int>(argv.size()), argv.data());
+  std::cerr.rdbuf(old);
+  return {status, err.str()};
+}
+
+// Every rank exits 2 with the same message (ranks that did not find the
+// problem name the rank that did), which mentions `key`.
+void expect_collective_error(std::vector<std::string> const &args, std::string const &key) {
+  auto [status, msg] = run_driver(args);
+  EXPECT_EQ(status, 2) << "rank " << world_rank() << ": " << msg;
+  std::string core = msg;
+  auto at = core.find(" (found on rank");
+  if (at != std::string::npos) core = core.substr(0, at);
+  EXPECT_NE(core.find(key), std::string::npos) << core;
+  // Compare with rank 0's.
+  int len = static_cast<int>(core.size());
+  MPI_Bcast(&len, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  std::string root(std::size_t(len), ' ');
+  if (world_rank() == 0) root = core;
+  MPI_Bcast(root.data(), len, MPI_CHAR, 0, MPI_COMM_WORLD);
+  EXPECT_EQ(core, root) << "rank " << world_rank() << " printed another message";
+}
+
+TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
+  int const n = world_size();
+  std::string const dir = fresh_dir("bad");
+  std::string const deck = dir + "/deck.toml";
+  if (world_rank() == 0) {
+    fs::create_directories(dir);
+    std::ofstream(deck) << train_deck_text;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  std::string const out = "run.output_dir=\"" + dir + "/out\"";
+  auto list = [](std::vector<double> v) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
+  };
+  for (char const *cmd : {"plan", "train"}) {
+    // One entry too many.
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set",
+                             "parallel.proportions=" + list(std::vector<double>(std::size_t(n + 1), 1.0 / (n + 1)))},
+                            "parallel.proportions");
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[0.5, 0.6]"},
+                            "must sum to 1");
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[-0.5, 1.5]"},
+                            ">= 0");
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.group_size=" + std::to_string(n + 1)},
+                            "does not divide");
+    // Only the last rank has a bad deck.
+    std::vector<std::string> args = {"hexamoe", cmd, deck, "--set", out};
+    if (world_rank() == n - 1) args.insert(args.end(), {"--set", "moe.top_k=9"});
+    expect_collective_error(args, "moe.top_k");
+  }
+  // A good deck plans (exit 0 everywhere).
+  auto [status, msg] = run_driver({"hexamoe", "plan", deck, "--set", out});
+  EXPECT_EQ(status, 0) << msg;
 }
 
 }  // namespace
