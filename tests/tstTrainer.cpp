@@ -12,6 +12,7 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -25,12 +26,26 @@ using namespace hexamoe;
 
 std::string quick_deck() { return std::string(HEXAMOE_SOURCE_DIR) + "/inputs/quick.toml"; }
 
-// A fresh output directory per test, the same on every rank.
+// A fresh output directory per test, the same on every rank, unique per
+// launch (ctest runs the 1- and 2-rank instances at the same time).
 std::string out_dir(std::string const &name) {
-  std::string d = testing::TempDir() + "hexamoe_trainer_" + name;
-  int rank = 0;
+  int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank == 0) fs::remove_all(d);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  long pid = static_cast<long>(getpid());
+  MPI_Bcast(&pid, 1, MPI_LONG, 0, MPI_COMM_WORLD);
+  std::string d = testing::TempDir() + "hexamoe_trainer_" + std::to_string(pid) + "_n" + std::to_string(size) + "_" + name;
+  // Removed again when the test program exits (rank 0 owns the directory).
+  static struct Cleanup {
+    std::vector<std::string> dirs;
+    ~Cleanup() {
+      for (auto const &x : dirs) fs::remove_all(x);
+    }
+  } cleanup;
+  if (rank == 0) {
+    fs::remove_all(d);
+    cleanup.dirs.push_back(d);
+  }
   MPI_Barrier(MPI_COMM_WORLD);
   return d;
 }
