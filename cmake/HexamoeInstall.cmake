@@ -2,7 +2,7 @@
 # package configuration that lets another CMake project `find_package(hexamoe)`.
 #
 #   bin/hexamoe                               the driver (installed by app/)
-#   include/hexamoe/{core,io}/...             headers, included as "core/MoeLayer.hpp"
+#   include/hexamoe/{core,parallel,io}/...    headers, included as "core/MoeLayer.hpp"
 #   lib/libhexamoe_io.a                       hexamoe::io
 #   lib/cmake/hexamoe/hexamoeConfig.cmake     + ConfigVersion, + Targets
 #   share/hexamoe/inputs/*.toml               the ready-to-run decks
@@ -27,6 +27,8 @@ target_include_directories(hexamoe_core INTERFACE $<INSTALL_INTERFACE:${CMAKE_IN
 target_include_directories(hexamoe_io PUBLIC $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}/hexamoe>)
 install(DIRECTORY core/ DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/hexamoe/core" FILES_MATCHING PATTERN "*.hpp")
 install(DIRECTORY io/ DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/hexamoe/io" FILES_MATCHING PATTERN "*.hpp")
+# parallel/: header templates on top of core (MoE groups, the two modes, cache, planner).
+install(DIRECTORY parallel/ DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/hexamoe/parallel" FILES_MATCHING PATTERN "*.hpp")
 
 set_target_properties(hexamoe_core PROPERTIES EXPORT_NAME core)
 set_target_properties(hexamoe_io PROPERTIES EXPORT_NAME io)

@@ -53,6 +53,7 @@ tree)
     [ -e "$prefix/$f" ] || fail "$f is not in the install tree"
   done
   [ -x "$prefix/bin/hexamoe" ] || fail "bin/hexamoe is not executable"
+  ls "$prefix"/include/hexamoe/parallel/*.hpp >/dev/null 2>&1 || fail "no parallel/ headers in include/hexamoe"
   echo "install tree: all expected files present"
 
   hexamoe="$prefix/bin/hexamoe"
