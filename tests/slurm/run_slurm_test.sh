@@ -265,8 +265,12 @@ export HEXAMOE="$hexamoe" HEXAMOE_RUNS_DIR="$T/runs"
 deck="$source_dir/inputs/quick.toml"
 # Enough steps that the signal lands mid-run; a loss record every step.
 nsteps="${HEXAMOE_SLURM_TEST_STEPS:-300}"
+# The MoE plan pinned: with parallel.mode = "auto" it is measured at start-up,
+# and two runs (or a run and its restart) may split the work differently,
+# which changes the rounding of the losses.
 train_opts=(--set train.max_steps="$nsteps" --set train.epochs=100 --set train.log_every=1
-  --set checkpoint.every=0 --set output.progress=off)
+  --set checkpoint.every=0 --set output.progress=off
+  --set parallel.mode=data --set "parallel.proportions=[0.5, 0.5]")
 cpu_sbatch=(--nodes=1 --ntasks=2 --ntasks-per-node=2 --cpus-per-task=1 --time=15)
 
 # --- job 1: reference run ------------------------------------------------------
@@ -318,6 +322,10 @@ k="$(sed -n 's/.*preempted at step \([0-9]*\), checkpoint written.*/\1/p' "$out"
 [ -e "$pre_dir/checkpoints/latest" ] || fail "no checkpoints/latest in $pre_dir after the preemption"
 [ ! -f "$pre_dir/summary.json" ] || fail "a preempted run must not write summary.json"
 say "job $pre preempted at step $k and requeued; releasing it (requeued jobs wait about 2 minutes otherwise)"
+# Slurm revokes the credential of the run that ended; a rerun launched within
+# the same second is refused ("Job credential revoked"). Let the node settle.
+for ((i = 0; i < 60; i++)); do [ "$(sinfo -h -n localhost -o %t)" = idle ] && break; sleep 0.5; done
+sleep 3
 show scontrol update JobId="$pre" StartTime=now
 wait_for "$pre" 300 "${finished_states[@]}" || fail "requeued job $pre did not finish within 300 s"
 show scontrol show job "$pre" | grep -E "^\\$|JobId|JobState|ExitCode|Restarts|RunTime"
