@@ -6,10 +6,10 @@
 // and traffic, so they are equal), unless the deck gives them.
 //
 // It also splits the global batch over the ranks: evenly (the remainder to
-// the lowest ranks; any batch of at least one sample per rank), or, when the
-// rates differ and data-centric layers run, in proportion to the rates (the
-// data-centric compute of a rank is its own tokens) if that predicts a
-// shorter step.
+// the lowest ranks; any batch of at least one sample per rank), or, when
+// data-centric layers run (whose compute on a rank is its own tokens), in
+// proportion to the deck's proportions when given, else to the rates when
+// that predicts a shorter step.
 //
 // make_plan is a pure function of its inputs; plan_for_deck measures the
 // machine when a decision depends on it (collective) and gives every rank of
@@ -136,7 +136,7 @@ inline bool plan_needs_measurement(Deck const &deck, int group_size) {
   auto const &p = deck.parallel;
   if (group_size == 1) return false;
   if (p.mode == ParallelSection::Mode::automatic) return true;
-  return p.mode == ParallelSection::Mode::model && p.proportions.empty() && p.rates.empty();
+  return p.proportions.empty() && p.rates.empty();  // proportions or batch shares follow the rates
 }
 
 // The deck's per-rank slowdown factor of this job rank (1 = none).
@@ -189,16 +189,20 @@ Plan plan_for_deck(ExecutionSpace const &space, Deck const &deck, MoeGroup const
   std::vector<int> const even = split_batch(B, {}, job_ranks);
   Plan plan = make_plan(p.mode, props, layer_shapes(deck, n, even), m, job_ranks);
   plan.batch = even;
-  // Batch shares by rate (rates per job rank: the group's, for every group).
+  // Batch shares by rate (rates per job rank: the group's, for every group),
+  // or as the deck's proportions say (the share of the work of each rank).
   std::vector<double> job_rates;
   for (int r = 0; r < job_ranks; ++r) job_rates.push_back(m.rates[std::size_t(r % n)]);
-  std::vector<int> const rated = split_batch(B, job_rates, job_ranks);
+  bool const given = !props.empty();
+  std::vector<int> const rated = split_batch(B, given ? p.proportions : job_rates, job_ranks);
   bool const any_data = std::any_of(plan.layers.begin(), plan.layers.end(),
                                     [](LayerPlan const &l) { return l.mode == MoeMode::data; });
   if (rated != even && (any_data || p.mode == ParallelSection::Mode::automatic)) {
     Plan alt = make_plan(p.mode, props, layer_shapes(deck, n, rated), m, job_ranks);
     alt.batch = rated;
-    if (alt.predicted_seconds() < plan.predicted_seconds()) plan = std::move(alt);
+    bool const alt_data = std::any_of(alt.layers.begin(), alt.layers.end(),
+                                      [](LayerPlan const &l) { return l.mode == MoeMode::data; });
+    if (given ? alt_data : alt.predicted_seconds() < plan.predicted_seconds()) plan = std::move(alt);
   }
   plan.rates_from = from;
   plan.measured = measured;

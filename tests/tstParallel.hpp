@@ -28,6 +28,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -458,6 +459,21 @@ std::vector<double> losses_on_first(int k, std::function<app::TrainSummary(MPI_C
   return l;
 }
 
+// Every dataset of a checkpoint (collective over the job).
+std::map<std::string, HostVec> read_checkpoint(std::string const &path) {
+  CheckpointReader r(MPI_COMM_WORLD, path);
+  std::map<std::string, HostVec> out;
+  for (auto const &name : r.datasets()) {
+    Shape const sh = r.shape(name);
+    std::size_t n = 1;
+    for (auto e : sh) n *= e;
+    HostVec v(n);
+    r.read_whole(name, sh, v.data());
+    out[name] = std::move(v);
+  }
+  return out;
+}
+
 void expect_losses(std::string const &what, std::vector<double> const &got, std::vector<double> const &want,
                    std::size_t want_from, double rel) {
   ASSERT_EQ(got.size() + want_from, want.size()) << what;
@@ -469,11 +485,38 @@ void expect_losses(std::string const &what, std::vector<double> const &got, std:
 // Losses of n ranks in each mode against one rank (local layers): float
 // rounding only (1e-6 relative over six steps; seen: 2e-8).
 TEST(Parallel, TrainingLossesMatchOneRank) {
-  std::vector<double> const one = losses_on_first(1, [](MPI_Comm c) { return train_on(c, train_deck(fresh_dir("one", c))); });
+  std::string const one_dir = fresh_dir("one");
+  std::vector<double> const one = losses_on_first(1, [&](MPI_Comm c) { return train_on(c, train_deck(one_dir)); });
   ASSERT_EQ(one.size(), 6u);
   for (char const *mode : {"data", "model"}) {
     auto const got = train_on(MPI_COMM_WORLD, train_deck(fresh_dir(std::string("n-") + mode), {std::string("parallel.mode=") + mode}));
     expect_losses(std::string("mode ") + mode, got.step_losses, one, 0, 1e-6);
+  }
+  // Two MoE groups of n/2 ranks: each slice has a replica whose gradient is
+  // summed with it, counted once in the norm and written once in checkpoints.
+  int const n = world_size();
+  if (n % 2 != 0) return;
+  auto const want = read_checkpoint(find_latest_checkpoint(one_dir + "/checkpoints"));
+  for (char const *mode : {"data", "model"}) {
+    std::string const dir = fresh_dir(std::string("groups-") + mode);
+    auto const got = train_on(MPI_COMM_WORLD, train_deck(dir, {std::string("parallel.mode=") + mode,
+                                                               "parallel.group_size=" + std::to_string(n / 2)}));
+    expect_losses(std::string("two groups, mode ") + mode, got.step_losses, one, 0, 1e-6);
+    // Its final checkpoint holds the one-rank expert tensors (parameters,
+    // AdamW moments). (Not the attention's q/k biases: their true gradient
+    // is zero, so AdamW steps follow rounding noise.)
+    auto const have = read_checkpoint(find_latest_checkpoint(dir + "/checkpoints"));
+    ASSERT_EQ(have.size(), want.size());
+    int compared = 0;
+    for (auto const &[name, v] : want) {
+      ASSERT_TRUE(have.count(name)) << name;
+      bool const expert = name.find(".moe.w1") != std::string::npos || name.find(".moe.b1") != std::string::npos ||
+                          name.find(".moe.w2") != std::string::npos;
+      if (!expert) continue;
+      expect_close(std::string("two groups, mode ") + mode + ", checkpoint " + name, have.at(name), v, 1e-4);
+      ++compared;
+    }
+    EXPECT_EQ(compared, 2 * 3 * 3);  // 2 layers x (w1, b1, w2) x (params, m, v)
   }
 }
 
@@ -574,8 +617,9 @@ TEST(Parallel, PlannerGivesSlowerRankProportionallySmallerShare) {
 }
 
 // The start-up benchmark sees a rank slowed 3x by parallel.slowdown and the
-// planner gives it about a third of a fast rank's share. Timing on a shared
-// machine: up to three attempts, each measured afresh.
+// planner gives it about a third of a fast rank's share (the exact share for
+// given rates is checked above). Timing on a shared, oversubscribed machine
+// is noisy: a wide window and up to five attempts, each measured afresh.
 TEST(Parallel, PlannerMeasuresSimulatedSlowdown) {
   int const n = world_size();
   if (n < 2) GTEST_SKIP() << "needs 2 ranks";
@@ -584,15 +628,15 @@ TEST(Parallel, PlannerMeasuresSimulatedSlowdown) {
   list += "]";
   Deck const deck = train_deck(fresh_dir("slow"), {"parallel.mode=model", "parallel.slowdown=" + list});
   double ratio = 0;
-  for (int attempt = 0; attempt < 3; ++attempt) {
+  for (int attempt = 0; attempt < 5; ++attempt) {
     MoeFactory<Space> f(Space(), deck, MPI_COMM_WORLD);
     EXPECT_TRUE(f.plan().measured);
     auto const &p = f.plan().layers.at(0).proportions;
     ratio = p[n - 1] / p[0];
-    if (ratio > 0.22 && ratio < 0.45) break;
+    if (ratio > 0.15 && ratio < 0.6) break;
   }
-  EXPECT_GT(ratio, 0.22);
-  EXPECT_LT(ratio, 0.45);
+  EXPECT_GT(ratio, 0.15);
+  EXPECT_LT(ratio, 0.6);
 }
 
 // ---- Bad input -------------------------------------------------------------------
@@ -616,6 +660,7 @@ void expect_collective_error(std::vector<std::string> const &args, std::string c
   std::string core = msg;
   auto at = core.find(" (found on rank");
   if (at != std::string::npos) core = core.substr(0, at);
+  while (!core.empty() && std::isspace(static_cast<unsigned char>(core.back()))) core.pop_back();
   EXPECT_NE(core.find(key), std::string::npos) << core;
   // Compare with rank 0's.
   int len = static_cast<int>(core.size());
@@ -642,10 +687,11 @@ TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
     return s + "]";
   };
   for (char const *cmd : {"plan", "train"}) {
-    // One entry too many.
-    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set",
-                             "parallel.proportions=" + list(std::vector<double>(std::size_t(n + 1), 1.0 / (n + 1)))},
-                            "parallel.proportions");
+    // One entry too many (summing to 1).
+    std::vector<double> extra(std::size_t(n + 1), 0.0);
+    extra[0] = extra[1] = 0.5;
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=" + list(extra)},
+                            "parallel.proportions has");
     expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[0.5, 0.6]"},
                             "must sum to 1");
     expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[-0.5, 1.5]"},
