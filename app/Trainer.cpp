@@ -220,9 +220,10 @@ HostState snapshot(AdamW<Space> const &opt) {
 Shape shape_of(Parameter<Mem> const &p) { return Shape(p.shape.begin(), p.shape.end()); }
 
 // shard_writer: false on the replicas of an expert slice in MoE groups other
-// than the first (the slice is written once).
+// than the first (the slice is written once). moe_plan: the MoE parallel plan
+// (parallel::plan_to_string), kept by a resumed run.
 void save_checkpoint(Deck const &deck, std::string const &signature, AdamW<Space> const &opt, EpochOrder const &order,
-                     long step, MPI_Comm comm, bool shard_writer = true) {
+                     long step, MPI_Comm comm, bool shard_writer = true, std::string const &moe_plan = "") {
   compat::ScopedRegion region("hexamoe::save_checkpoint");
   HostState h = snapshot(opt);
   std::vector<TensorSlice> tensors;
@@ -244,6 +245,7 @@ void save_checkpoint(Deck const &deck, std::string const &signature, AdamW<Space
   attrs.strings["deck"] = resolved_toml(deck);
   attrs.ints["adamw_steps"] = opt.steps_taken();
   attrs.words["epoch_order"] = order.to_words();
+  if (!moe_plan.empty()) attrs.strings["moe_plan"] = moe_plan;
   write_checkpoint(comm, deck.derived.checkpoint_dir, step, signature, tensors, attrs, deck.checkpoint.keep);
 }
 
@@ -317,8 +319,20 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
                                                          std::to_string(nranks) + " ranks (each needs a sample)");
   // ---- MoE parallel modes (parallel/): the MoE group and the plan (mode and
   // proportions per MoE layer, the batch share of each rank; measured at
-  // start-up when a choice needs it). Collective.
-  parallel::MoeFactory<Space> moe_parallel(space, deck, comm);
+  // start-up when a choice needs it, or kept from the checkpoint a run
+  // resumes, so that it splits the work alike). Collective.
+  std::string moe_pinned;
+  {
+    std::string const r = topt.restart.empty() ? deck.checkpoint.resume : topt.restart;
+    std::string const where = r == "latest" ? deck.derived.checkpoint_dir : r;
+    if (!r.empty() && !(r == "latest" && find_latest_checkpoint(where).empty())) {
+      CheckpointReader reader(comm, where);
+      auto const &a = reader.attributes().strings;
+      if (a.count("moe_plan")) moe_pinned = a.at("moe_plan");
+    }
+  }
+  parallel::MoeFactory<Space> moe_parallel(space, deck, comm, false, moe_pinned);
+  std::string const moe_plan_text = parallel::plan_to_string(moe_parallel.plan());
   int const local_b = moe_parallel.plan().batch.at(std::size_t(rank));
   long const first_b = std::accumulate(moe_parallel.plan().batch.begin(), moe_parallel.plan().batch.begin() + rank, 0L);
   // ---- end MoE parallel modes
@@ -507,12 +521,12 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     }
 
     if (deck.checkpoint.every > 0 && step % deck.checkpoint.every == 0 && step < total)
-      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
+      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer, moe_plan_text);
 
     int stop = g_stop_requested.load() || (topt.stop_after > 0 && long(sum.step_losses.size()) >= topt.stop_after);
     MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, comm);
     if (stop && step < total) {
-      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
+      save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer, moe_plan_text);
       bar.clear();
       if (root) std::cout << "preempted at step " << step << ", checkpoint written" << std::endl;
       sum.preempted = true;
@@ -524,7 +538,7 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   sum.steps = step;
   sum.test_loss = last_eval.loss;
   sum.test_accuracy = last_eval.accuracy;
-  if (!sum.preempted && deck.checkpoint.at_end && step > 0) save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer);
+  if (!sum.preempted && deck.checkpoint.at_end && step > 0) save_checkpoint(deck, signature, opt, order, step, comm, moe_shard_writer, moe_plan_text);
   sum.wall_seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   if (root && !sum.preempted) {
     std::ofstream js(fs::path(deck.run.output_dir) / "summary.json");

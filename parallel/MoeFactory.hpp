@@ -14,6 +14,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -26,13 +27,21 @@ class MoeFactory {
   using Factory = std::function<std::unique_ptr<MoeFfn<ExecutionSpace>>(MoeLayerConfig const &, int block)>;
 
   // measure: run the start-up benchmarks even when no decision needs them
-  // (for printing predicted times).
-  MoeFactory(ExecutionSpace const &space, Deck const &deck, MPI_Comm comm, bool measure = false) {
+  // (for printing predicted times). pinned: a plan_to_string() of the run
+  // being resumed; with parallel.mode = "auto" and neither proportions nor
+  // rates in the deck it is kept when it fits this job (same ranks, group
+  // size and model), so that a resumed run splits the work alike.
+  MoeFactory(ExecutionSpace const &space, Deck const &deck, MPI_Comm comm, bool measure = false,
+             std::string const &pinned = "") {
     int rank = 0, n = 1;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &n);
     group_ = std::make_shared<MoeGroup>(comm, deck.parallel.group_size, deck.parallel.proportions);
-    plan_ = plan_for_deck(space, deck, *group_, rank, n, measure);
+    auto const &p = deck.parallel;
+    std::optional<Plan> kept;
+    if (!pinned.empty() && p.mode == ParallelSection::Mode::automatic && p.proportions.empty() && p.rates.empty())
+      kept = plan_from_string(pinned, deck, group_->size(), n);
+    plan_ = kept ? *kept : plan_for_deck(space, deck, *group_, rank, n, measure);
     slowdown_ = SimulatedSlowdown(slowdown_of(deck, rank));
   }
 

@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -43,6 +45,7 @@ struct Plan {
   MachineModel machine;
   std::string rates_from;  // how R_i were obtained
   bool measured = false;
+  bool kept = false;  // read back from a checkpoint (plan_from_string)
   std::vector<LayerPlan> layers;
   double cache_bytes = 0;  // data-centric cache per rank (all data-centric layers)
   std::vector<int> batch;  // samples of the global batch per job rank
@@ -209,6 +212,96 @@ Plan plan_for_deck(ExecutionSpace const &space, Deck const &deck, MoeGroup const
   return plan;
 }
 
+// A plan as text (stored in checkpoints, so that a resumed run splits the
+// work as the run that wrote them), and back. Numbers round-trip exactly.
+inline std::string plan_to_string(Plan const &plan) {
+  auto num = [](double v) {
+    char b[40];
+    std::snprintf(b, sizeof b, "%.17g", v);
+    return std::string(b);
+  };
+  auto list = [&](auto const &v) {
+    std::string s;
+    for (auto x : v) s += (s.empty() ? "" : ",") + num(double(x));
+    return s;
+  };
+  std::string s = "moe-plan-1;ranks=" + std::to_string(plan.job_ranks) + ";group=" + std::to_string(plan.group_size) +
+                  ";rates=" + list(plan.machine.rates) + ";bandwidth=" + num(plan.machine.bandwidth) +
+                  ";latency=" + num(plan.machine.latency) + ";batch=" + list(plan.batch) + ";from=" + plan.rates_from;
+  for (auto const &l : plan.layers)
+    s += ";layer=" + std::to_string(l.shape.block) + ":" + to_string(l.mode) + ":" + list(l.proportions);
+  return s;
+}
+
+// The plan of `text` for this deck and job, or nothing when it does not fit
+// (another format, rank count, group size or model).
+inline std::optional<Plan> plan_from_string(std::string const &text, Deck const &deck, int group_size, int job_ranks) {
+  auto split = [](std::string const &s, char c) {
+    std::vector<std::string> out;
+    std::size_t a = 0;
+    for (std::size_t b; (b = s.find(c, a)) != std::string::npos; a = b + 1) out.push_back(s.substr(a, b - a));
+    out.push_back(s.substr(a));
+    return out;
+  };
+  auto nums = [&](std::string const &s) {
+    std::vector<double> v;
+    if (!s.empty())
+      for (auto const &x : split(s, ',')) v.push_back(std::stod(x));
+    return v;
+  };
+  try {
+    auto const parts = split(text, ';');
+    if (parts.empty() || parts[0] != "moe-plan-1") return std::nullopt;
+    std::map<std::string, std::string> kv;
+    std::vector<std::string> layers;
+    for (std::size_t i = 1; i < parts.size(); ++i) {
+      auto const eq = parts[i].find('=');
+      if (eq == std::string::npos) return std::nullopt;
+      std::string const k = parts[i].substr(0, eq), v = parts[i].substr(eq + 1);
+      if (k == "layer") layers.push_back(v);
+      else kv[k] = v;
+    }
+    if (std::stoi(kv.at("ranks")) != job_ranks || std::stoi(kv.at("group")) != group_size) return std::nullopt;
+    MachineModel m;
+    m.rates = nums(kv.at("rates"));
+    m.bandwidth = std::stod(kv.at("bandwidth"));
+    m.latency = std::stod(kv.at("latency"));
+    std::vector<int> batch;
+    for (double b : nums(kv.at("batch"))) batch.push_back(static_cast<int>(b));
+    if (static_cast<int>(m.rates.size()) != group_size || static_cast<int>(batch.size()) != job_ranks) return std::nullopt;
+    auto const shapes = layer_shapes(deck, group_size, batch);
+    if (layers.size() != shapes.size()) return std::nullopt;
+    Plan plan;
+    plan.job_ranks = job_ranks;
+    plan.group_size = group_size;
+    plan.machine = m;
+    plan.batch = batch;
+    plan.rates_from = kv.at("from");
+    plan.kept = true;
+    std::vector<LayerShape> data_layers;
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      auto const f = split(layers[i], ':');
+      if (f.size() != 3 || std::stoi(f[0]) != shapes[i].block) return std::nullopt;
+      LayerPlan lp;
+      lp.shape = shapes[i];
+      lp.mode = f[1] == "data" ? MoeMode::data : f[1] == "model" ? MoeMode::model : MoeMode::local;
+      if (lp.mode == MoeMode::local && (f[1] != "local" || group_size != 1)) return std::nullopt;
+      lp.proportions = nums(f[2]);
+      if (static_cast<int>(lp.proportions.size()) != group_size) return std::nullopt;
+      lp.slice = ExpertSlice::split(lp.shape.hidden, lp.proportions, group_size);
+      lp.data = ModeCostModel::data(lp.shape, m, lp.slice);
+      lp.model = ModeCostModel::model(lp.shape, m, lp.slice);
+      if (group_size == 1) lp.local = ModeCostModel::local(lp.shape, m);
+      if (lp.mode == MoeMode::data) data_layers.push_back(lp.shape);
+      plan.layers.push_back(std::move(lp));
+    }
+    plan.cache_bytes = data_layers.empty() ? 0 : ModeCostModel::cache_bytes(data_layers);
+    return plan;
+  } catch (std::exception const &) {
+    return std::nullopt;
+  }
+}
+
 inline std::string format_plan(Plan const &plan, std::string const &title) {
   auto fmt = [](char const *f, double v) {
     char b[64];
@@ -224,7 +317,8 @@ inline std::string format_plan(Plan const &plan, std::string const &title) {
   std::string out = title + ": " + std::to_string(plan.job_ranks) + " rank(s), " + std::to_string(plan.groups()) +
                     " MoE group(s) of " + std::to_string(n) + ", " + std::to_string(plan.layers.size()) +
                     " MoE layer(s)\n";
-  out += "rates (GFLOP/s, " + plan.rates_from + "): " + join(plan.machine.rates, "%.2f", 1e-9);
+  out += "rates (GFLOP/s, " + plan.rates_from + (plan.kept ? "; plan kept from the checkpoint" : "") +
+         "): " + join(plan.machine.rates, "%.2f", 1e-9);
   if (n > 1)
     out += " | bandwidth " + fmt("%.2f", plan.machine.bandwidth * 1e-9) + " GB/s, latency " +
            fmt("%.1f", plan.machine.latency * 1e6) + " us";

@@ -552,6 +552,38 @@ TEST(Parallel, TwoRankCheckpointRestartsOnThree) {
   }
 }
 
+// In auto mode a resumed run keeps the plan of the run that wrote the
+// checkpoint (its measured rates would differ on a shared machine), so it
+// splits the work alike; a forced mode is taken from the deck.
+TEST(Parallel, ResumedRunKeepsTheAutoPlan) {
+  int const n = world_size();
+  std::string slow = "[";
+  for (int r = 0; r < n; ++r) slow += std::string(r ? ", " : "") + (r == n - 1 && n > 1 ? "2.0" : "1.0");
+  slow += "]";
+  std::string const d = fresh_dir("auto-stopped");
+  train_on(MPI_COMM_WORLD, train_deck(d, {"parallel.slowdown=" + slow}), "", 3);
+  std::string const ckpt = find_latest_checkpoint(d + "/checkpoints");
+  ASSERT_FALSE(ckpt.empty());
+  std::string const written = CheckpointReader(MPI_COMM_WORLD, ckpt).string_attr("moe_plan");
+  // The text round-trips, and a factory given it keeps it without measuring.
+  Deck const deck = train_deck(d, {"parallel.slowdown=" + slow});
+  MoeFactory<Space> kept(Space(), deck, MPI_COMM_WORLD, false, written);
+  EXPECT_EQ(plan_to_string(kept.plan()), written);
+  EXPECT_FALSE(kept.plan().measured);
+  // A plan of another rank count or model is not kept.
+  EXPECT_FALSE(plan_from_string(written, deck, n, n + 1).has_value());
+  EXPECT_FALSE(plan_from_string(written, train_deck(d, {"model.depth=3"}), n, n).has_value());
+  // The resumed run (auto) writes the same plan; a forced mode replaces it.
+  std::string const d2 = fresh_dir("auto-resumed");
+  train_on(MPI_COMM_WORLD, train_deck(d2, {"parallel.slowdown=" + slow}), ckpt);
+  EXPECT_EQ(CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d2 + "/checkpoints")).string_attr("moe_plan"), written);
+  std::string const d3 = fresh_dir("forced-resumed");
+  train_on(MPI_COMM_WORLD, train_deck(d3, {"parallel.mode=model"}), ckpt);
+  std::string const forced = CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d3 + "/checkpoints")).string_attr("moe_plan");
+  EXPECT_NE(forced.find(":model:"), std::string::npos) << forced;
+  EXPECT_EQ(forced.find(":data:"), std::string::npos) << forced;
+}
+
 // ---- Planner -------------------------------------------------------------------
 
 LayerShape swin_s_stage3(int ranks, int tokens_per_rank) {
