@@ -12,14 +12,14 @@
 // in another association order (float rounding).
 #pragma once
 
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "core/MoeLayer.hpp"
 #include "core/model/MoeFfn.hpp"
 #include "parallel/PipelineSharedCache.hpp"
 #include "parallel/SimulatedSlowdown.hpp"
-
-#include <memory>
-#include <string>
-#include <vector>
 
 namespace hexamoe::parallel {
 
@@ -61,7 +61,8 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
     id_ = cache_->add_layer(c.experts, c.dim, slice_, values_, grads_);
   }
 
-  void forward(ExecutionSpace const &space, Matrix<float const, memory_space> x, Matrix<float, memory_space> y) override {
+  void forward(ExecutionSpace const &space, Matrix<float const, memory_space> x,
+               Matrix<float, memory_space> y) override {
     compat::ScopedRegion region("hexamoe::DataCentricMoe::forward");
     point_at(cache_->acquire(id_, Pass::forward));
     tokens_ = static_cast<int>(x.extent(0));
@@ -71,7 +72,8 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
     cache_->progress();
   }
 
-  void backward(ExecutionSpace const &space, Matrix<float const, memory_space> dy, Matrix<float, memory_space> dx) override {
+  void backward(ExecutionSpace const &space, Matrix<float const, memory_space> dy,
+                Matrix<float, memory_space> dx) override {
     compat::ScopedRegion region("hexamoe::DataCentricMoe::backward");
     point_at(cache_->acquire(id_, Pass::backward));
     auto g = cache_->gradient_buffer(id_);
@@ -99,8 +101,16 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
     std::size_t const E = c.experts, d = c.dim, H = c.hidden, h0 = h0_, hl = hl_;
     using S = std::vector<std::size_t>;
     std::vector<Parameter<memory_space>> p;
-    p.push_back({prefix + ".router.weight", S{d, E}, flat(layer_.router.weight), flat(layer_.router.weight_grad), true, false, {}, {}});
-    p.push_back({prefix + ".router.bias", S{E}, flat(layer_.router.bias), flat(layer_.router.bias_grad), false, false, {}, {}});
+    p.push_back({prefix + ".router.weight",
+                 S{d, E},
+                 flat(layer_.router.weight),
+                 flat(layer_.router.weight_grad),
+                 true,
+                 false,
+                 {},
+                 {}});
+    p.push_back(
+        {prefix + ".router.bias", S{E}, flat(layer_.router.bias), flat(layer_.router.bias_grad), false, false, {}, {}});
     p.push_back({prefix + ".w1", S{E, d, H}, flat(w1_), flat(w1_grad_), true, true, S{0, 0, h0}, S{E, d, hl}});
     p.push_back({prefix + ".b1", S{E, H}, flat(b1_), flat(b1_grad_), false, true, S{0, h0}, S{E, hl}});
     p.push_back({prefix + ".w2", S{E, H, d}, flat(w2_), flat(w2_grad_), true, true, S{0, h0, 0}, S{E, hl, d}});
@@ -112,7 +122,8 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
     return tokens_ > 0 ? layer_.router_losses() : std::pair<double, double>{0, 0};
   }
   std::vector<int> expert_counts() const override {
-    return tokens_ > 0 ? layer_.routing_index().counts_host() : std::vector<int>(std::size_t(layer_.config().experts), 0);
+    return tokens_ > 0 ? layer_.routing_index().counts_host()
+                       : std::vector<int>(std::size_t(layer_.config().experts), 0);
   }
 
   // The same values as MoeLayer::init of the whole layer, this rank's slice kept.

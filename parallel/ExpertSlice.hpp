@@ -15,9 +15,9 @@
 namespace hexamoe::parallel {
 
 struct ExpertSlice {
-  int hidden = 0;                // H of the whole expert
-  std::vector<int> counts;       // H_i per rank
-  std::vector<int> offsets;      // first hidden unit of rank i (exclusive scan of counts)
+  int hidden = 0;            // H of the whole expert
+  std::vector<int> counts;   // H_i per rank
+  std::vector<int> offsets;  // first hidden unit of rank i (exclusive scan of counts)
 
   int ranks() const { return static_cast<int>(counts.size()); }
   int count(int rank) const { return counts.at(rank); }
@@ -34,7 +34,8 @@ struct ExpertSlice {
                                   std::to_string(ranks) + " ranks");
     double sum = 0;
     for (double p : proportions) {
-      if (!(p >= 0) || !std::isfinite(p)) throw std::invalid_argument("ExpertSlice: proportions must be finite and >= 0");
+      if (!(p >= 0) || !std::isfinite(p))
+        throw std::invalid_argument("ExpertSlice: proportions must be finite and >= 0");
       sum += p;
     }
     if (!(sum > 0)) throw std::invalid_argument("ExpertSlice: the proportions sum to zero");

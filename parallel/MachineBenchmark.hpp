@@ -13,24 +13,24 @@
 // count, since a passing load on a shared machine looks like a slow device.
 #pragma once
 
-#include "core/MoeLayer.hpp"
-#include "parallel/ModeCostModel.hpp"
-#include "parallel/MoeGroup.hpp"
-#include "parallel/SimulatedSlowdown.hpp"
-
-#include <Kokkos_Core.hpp>
 #include <mpi.h>
 
+#include <Kokkos_Core.hpp>
 #include <algorithm>
 #include <chrono>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "core/MoeLayer.hpp"
+#include "parallel/ModeCostModel.hpp"
+#include "parallel/MoeGroup.hpp"
+#include "parallel/SimulatedSlowdown.hpp"
+
 namespace hexamoe::parallel {
 
 struct MachineMeasurement {
-  MachineModel model;                 // what the planner uses
+  MachineModel model;                  // what the planner uses
   std::vector<double> measured_rates;  // before the noise floor
   double seconds = 0;                  // time the benchmarks took
 };
@@ -50,7 +50,8 @@ double measure_rate(ExecutionSpace const &space, MPI_Comm comm, SimulatedSlowdow
   int const T = 512;
   MoeLayer<float, ExecutionSpace> layer(c);
   layer.init(12345);
-  Matrix<float, Mem> x("hexamoe::bench.x", T, c.dim), y("hexamoe::bench.y", T, c.dim), dx("hexamoe::bench.dx", T, c.dim);
+  Matrix<float, Mem> x("hexamoe::bench.x", T, c.dim), y("hexamoe::bench.y", T, c.dim),
+      dx("hexamoe::bench.dx", T, c.dim);
   {
     auto h = Kokkos::create_mirror_view(x);
     std::mt19937 rng(7);

@@ -24,12 +24,12 @@
 // counted by the planner once.
 #pragma once
 
-#include "parallel/ExpertSlice.hpp"
-
 #include <algorithm>
 #include <numeric>
 #include <string>
 #include <vector>
+
+#include "parallel/ExpertSlice.hpp"
 
 namespace hexamoe::parallel {
 
@@ -37,9 +37,12 @@ enum class MoeMode { local, data, model };
 
 inline char const *to_string(MoeMode m) {
   switch (m) {
-    case MoeMode::local: return "local";
-    case MoeMode::data: return "data";
-    case MoeMode::model: return "model";
+    case MoeMode::local:
+      return "local";
+    case MoeMode::data:
+      return "data";
+    case MoeMode::model:
+      return "model";
   }
   return "?";
 }

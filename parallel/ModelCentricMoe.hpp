@@ -17,16 +17,16 @@
 // with one rank).
 #pragma once
 
+#include <memory>
+#include <string>
+#include <vector>
+
 #include "core/MoeLayer.hpp"
 #include "core/model/MoeFfn.hpp"
 #include "parallel/ExpertSlice.hpp"
 #include "parallel/MoeGroup.hpp"
 #include "parallel/MpiView.hpp"
 #include "parallel/SimulatedSlowdown.hpp"
-
-#include <memory>
-#include <string>
-#include <vector>
 
 namespace hexamoe::parallel {
 
@@ -41,7 +41,10 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
 
   ModelCentricMoe(MoeLayerConfig cfg, ExpertSlice slice, std::shared_ptr<MoeGroup const> group,
                   SimulatedSlowdown slowdown = {})
-      : layer_(sliced(cfg, slice, group->rank())), slice_(std::move(slice)), group_(std::move(group)), slowdown_(slowdown) {
+      : layer_(sliced(cfg, slice, group->rank())),
+        slice_(std::move(slice)),
+        group_(std::move(group)),
+        slowdown_(slowdown) {
     h0_ = slice_.offset(group_->rank());
     hl_ = slice_.count(group_->rank());
   }
@@ -60,7 +63,8 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
       auto rows = std::make_pair(off, off + tokens_);
       Kokkos::deep_copy(space, Kokkos::subview(x_all_, rows, Kokkos::ALL), x);
       Kokkos::deep_copy(space, Kokkos::subview(idx_all_, rows, Kokkos::ALL), layer_.router.idx);
-      Kokkos::deep_copy(space, Kokkos::subview(gate_all_, std::make_pair(off * k, (off + tokens_) * k)), layer_.router.gate);
+      Kokkos::deep_copy(space, Kokkos::subview(gate_all_, std::make_pair(off * k, (off + tokens_) * k)),
+                        layer_.router.gate);
     }
     all_gather(x_all_, d);
     all_gather(idx_all_, k);
@@ -164,7 +168,9 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
     auto const &c = layer_.config();
     int const d = c.dim, k = c.top_k;
     if (static_cast<int>(x_all_.extent(0)) != N) {
-      auto alloc = [&](char const *label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, std::string(label)); };
+      auto alloc = [&](char const *label) {
+        return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, std::string(label));
+      };
       x_all_ = matrix(alloc("hexamoe::model_centric.x"), N, d);
       dy_all_ = matrix(alloc("hexamoe::model_centric.dy"), N, d);
       part_ = matrix(alloc("hexamoe::model_centric.partial"), N, d);

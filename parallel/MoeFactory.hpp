@@ -6,17 +6,17 @@
 // PipelineSharedCache) or ModelCentricMoe. Collective over the job.
 #pragma once
 
-#include "core/model/MoeFfn.hpp"
-#include "io/Deck.hpp"
-#include "parallel/DataCentricMoe.hpp"
-#include "parallel/ModelCentricMoe.hpp"
-#include "parallel/Planner.hpp"
-
 #include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+
+#include "core/model/MoeFfn.hpp"
+#include "io/Deck.hpp"
+#include "parallel/DataCentricMoe.hpp"
+#include "parallel/ModelCentricMoe.hpp"
+#include "parallel/Planner.hpp"
 
 namespace hexamoe::parallel {
 
@@ -54,18 +54,22 @@ class MoeFactory {
     auto group = group_;
     auto plan = std::make_shared<Plan const>(plan_);
     auto slowdown = slowdown_;
-    return [cache, group, plan, slowdown](MoeLayerConfig const &cfg, int block) -> std::unique_ptr<MoeFfn<ExecutionSpace>> {
+    return [cache, group, plan, slowdown](MoeLayerConfig const &cfg,
+                                          int block) -> std::unique_ptr<MoeFfn<ExecutionSpace>> {
       LayerPlan const *lp = plan->for_block(block);
-      if (!lp) throw std::logic_error("MoeFactory: block " + std::to_string(block) + " is not an MoE layer of the plan");
+      if (!lp)
+        throw std::logic_error("MoeFactory: block " + std::to_string(block) + " is not an MoE layer of the plan");
       if (lp->slice.hidden != cfg.hidden)
         throw std::logic_error("MoeFactory: the plan has hidden " + std::to_string(lp->slice.hidden) + ", the layer " +
                                std::to_string(cfg.hidden));
       switch (lp->mode) {
-        case MoeMode::local: return std::make_unique<LocalMoeFfn<ExecutionSpace>>(cfg);
+        case MoeMode::local:
+          return std::make_unique<LocalMoeFfn<ExecutionSpace>>(cfg);
         case MoeMode::data:
           if (!*cache) *cache = std::make_shared<PipelineSharedCache<memory_space>>(group);
           return std::make_unique<DataCentricMoe<ExecutionSpace>>(cfg, lp->slice, *cache, slowdown);
-        case MoeMode::model: return std::make_unique<ModelCentricMoe<ExecutionSpace>>(cfg, lp->slice, group, slowdown);
+        case MoeMode::model:
+          return std::make_unique<ModelCentricMoe<ExecutionSpace>>(cfg, lp->slice, group, slowdown);
       }
       return nullptr;
     };

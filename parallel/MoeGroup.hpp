@@ -10,14 +10,14 @@
 // entries and rescales them to sum to 1. Empty = equal shares.
 #pragma once
 
-#include "parallel/ExpertSlice.hpp"
-
 #include <mpi.h>
 
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "parallel/ExpertSlice.hpp"
 
 namespace hexamoe::parallel {
 

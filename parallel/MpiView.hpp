@@ -5,9 +5,9 @@
 // through a host mirror.
 #pragma once
 
-#include <Kokkos_Core.hpp>
 #include <mpi.h>
 
+#include <Kokkos_Core.hpp>
 #include <cstdint>
 #include <type_traits>
 
@@ -16,11 +16,16 @@ namespace hexamoe::parallel {
 template <class T>
 MPI_Datatype mpi_type() {
   using U = std::remove_cv_t<T>;
-  if constexpr (std::is_same_v<U, float>) return MPI_FLOAT;
-  else if constexpr (std::is_same_v<U, double>) return MPI_DOUBLE;
-  else if constexpr (std::is_same_v<U, int>) return MPI_INT;
-  else if constexpr (std::is_same_v<U, std::int64_t>) return MPI_INT64_T;
-  else static_assert(!sizeof(U), "mpi_type: no MPI datatype for this type");
+  if constexpr (std::is_same_v<U, float>)
+    return MPI_FLOAT;
+  else if constexpr (std::is_same_v<U, double>)
+    return MPI_DOUBLE;
+  else if constexpr (std::is_same_v<U, int>)
+    return MPI_INT;
+  else if constexpr (std::is_same_v<U, std::int64_t>)
+    return MPI_INT64_T;
+  else
+    static_assert(!sizeof(U), "mpi_type: no MPI datatype for this type");
 }
 
 // The host view MPI uses for v (v itself when host-accessible).

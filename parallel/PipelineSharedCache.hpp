@@ -32,20 +32,20 @@
 // pass: the slots are invalidated (the optimizer changed the slices).
 #pragma once
 
-#include "core/Parameter.hpp"
-#include "parallel/ExpertSlice.hpp"
-#include "parallel/MoeGroup.hpp"
-#include "parallel/MpiView.hpp"
-
-#include <Kokkos_Core.hpp>
 #include <mpi.h>
 
+#include <Kokkos_Core.hpp>
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "core/Parameter.hpp"
+#include "parallel/ExpertSlice.hpp"
+#include "parallel/MoeGroup.hpp"
+#include "parallel/MpiView.hpp"
 
 namespace hexamoe::parallel {
 
@@ -82,7 +82,9 @@ class PipelineSharedCache {
   MoeGroup const &group() const { return *group_; }
 
   // Floats of a rank's slice: [W1 (E, d, H_i) | b1 (E, H_i) | W2 (E, H_i, d)].
-  static std::size_t slice_size(int E, int d, int h) { return std::size_t(E) * (2 * std::size_t(d) + 1) * std::size_t(h); }
+  static std::size_t slice_size(int E, int d, int h) {
+    return std::size_t(E) * (2 * std::size_t(d) + 1) * std::size_t(h);
+  }
 
   // Register a layer (in forward order) whose slices live in values/grads
   // (each slice_size(E, d, H_i) floats, contiguous). Returns its id.
@@ -121,7 +123,8 @@ class PipelineSharedCache {
       MPI_Type_vector(E, hr * d, H * d, MPI_FLOAT, &parts[2]);
       int lens[3] = {1, 1, 1};
       MPI_Aint const f = sizeof(float);
-      MPI_Aint disp[3] = {f * h0, f * (MPI_Aint(E) * d * H + h0), f * (MPI_Aint(E) * d * H + MPI_Aint(E) * H + MPI_Aint(h0) * d)};
+      MPI_Aint disp[3] = {f * h0, f * (MPI_Aint(E) * d * H + h0),
+                          f * (MPI_Aint(E) * d * H + MPI_Aint(E) * H + MPI_Aint(h0) * d)};
       MPI_Datatype t;
       MPI_Type_create_struct(3, lens, disp, parts, &t);
       MPI_Type_commit(&t);
@@ -262,8 +265,8 @@ class PipelineSharedCache {
     if (slots_[0].buf.data()) return;
     for (auto const &L : layers_) slot_floats_ = std::max(slot_floats_, layer_floats(L));
     for (int s = 0; s < 2; ++s) {
-      slots_[s].buf = flat_view(Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::cache.slot" + std::to_string(s)),
-                                slot_floats_);
+      slots_[s].buf = flat_view(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::cache.slot" + std::to_string(s)), slot_floats_);
       slots_[s].host = host_mirror(slots_[s].buf);
     }
     grad_ = flat_view(Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::cache.grad"), slot_floats_);
@@ -325,7 +328,8 @@ class PipelineSharedCache {
     auto off = L.off;
     auto cnt = L.cnt;
     Kokkos::parallel_for(
-        "hexamoe::cache.pack_gradients", Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::int64_t>>(space, 0, total),
+        "hexamoe::cache.pack_gradients",
+        Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::int64_t>>(space, 0, total),
         KOKKOS_LAMBDA(std::int64_t q) {
           std::int64_t dst;
           if (q < n1) {

@@ -16,11 +16,6 @@
 // the job the same plan (the measurements are agreed on first).
 #pragma once
 
-#include "io/Deck.hpp"
-#include "parallel/MachineBenchmark.hpp"
-#include "parallel/ModeCostModel.hpp"
-#include "parallel/MoeGroup.hpp"
-
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -28,6 +23,11 @@
 #include <ostream>
 #include <string>
 #include <vector>
+
+#include "io/Deck.hpp"
+#include "parallel/MachineBenchmark.hpp"
+#include "parallel/ModeCostModel.hpp"
+#include "parallel/MoeGroup.hpp"
 
 namespace hexamoe::parallel {
 
@@ -84,13 +84,21 @@ inline Plan make_plan(ParallelSection::Mode mode, std::vector<double> const &pro
     lp.model = ModeCostModel::model(s, machine, sm);
     if (n == 1) lp.local = ModeCostModel::local(s, machine);
     switch (mode) {
-      case ParallelSection::Mode::data: lp.mode = MoeMode::data; break;
-      case ParallelSection::Mode::model: lp.mode = MoeMode::model; break;
+      case ParallelSection::Mode::data:
+        lp.mode = MoeMode::data;
+        break;
+      case ParallelSection::Mode::model:
+        lp.mode = MoeMode::model;
+        break;
       case ParallelSection::Mode::automatic:
-        if (n == 1) lp.mode = MoeMode::local;
-        else if (lp.data.time < lp.model.time) lp.mode = MoeMode::data;
-        else if (lp.model.time < lp.data.time) lp.mode = MoeMode::model;
-        else lp.mode = lp.model.max_memory() <= lp.data.max_memory() ? MoeMode::model : MoeMode::data;
+        if (n == 1)
+          lp.mode = MoeMode::local;
+        else if (lp.data.time < lp.model.time)
+          lp.mode = MoeMode::data;
+        else if (lp.model.time < lp.data.time)
+          lp.mode = MoeMode::model;
+        else
+          lp.mode = lp.model.max_memory() <= lp.data.max_memory() ? MoeMode::model : MoeMode::data;
         break;
     }
     lp.proportions = lp.mode == MoeMode::model ? pm : lp.mode == MoeMode::data ? pd : std::vector<double>{1.0};
@@ -198,13 +206,13 @@ Plan plan_for_deck(ExecutionSpace const &space, Deck const &deck, MoeGroup const
   for (int r = 0; r < job_ranks; ++r) job_rates.push_back(m.rates[std::size_t(r % n)]);
   bool const given = !props.empty();
   std::vector<int> const rated = split_batch(B, given ? p.proportions : job_rates, job_ranks);
-  bool const any_data = std::any_of(plan.layers.begin(), plan.layers.end(),
-                                    [](LayerPlan const &l) { return l.mode == MoeMode::data; });
+  bool const any_data =
+      std::any_of(plan.layers.begin(), plan.layers.end(), [](LayerPlan const &l) { return l.mode == MoeMode::data; });
   if (rated != even && (any_data || p.mode == ParallelSection::Mode::automatic)) {
     Plan alt = make_plan(p.mode, props, layer_shapes(deck, n, rated), m, job_ranks);
     alt.batch = rated;
-    bool const alt_data = std::any_of(alt.layers.begin(), alt.layers.end(),
-                                      [](LayerPlan const &l) { return l.mode == MoeMode::data; });
+    bool const alt_data =
+        std::any_of(alt.layers.begin(), alt.layers.end(), [](LayerPlan const &l) { return l.mode == MoeMode::data; });
     if (given ? alt_data : alt.predicted_seconds() < plan.predicted_seconds()) plan = std::move(alt);
   }
   plan.rates_from = from;
@@ -258,8 +266,10 @@ inline std::optional<Plan> plan_from_string(std::string const &text, Deck const 
       auto const eq = parts[i].find('=');
       if (eq == std::string::npos) return std::nullopt;
       std::string const k = parts[i].substr(0, eq), v = parts[i].substr(eq + 1);
-      if (k == "layer") layers.push_back(v);
-      else kv[k] = v;
+      if (k == "layer")
+        layers.push_back(v);
+      else
+        kv[k] = v;
     }
     if (std::stoi(kv.at("ranks")) != job_ranks || std::stoi(kv.at("group")) != group_size) return std::nullopt;
     MachineModel m;
@@ -268,7 +278,8 @@ inline std::optional<Plan> plan_from_string(std::string const &text, Deck const 
     m.latency = std::stod(kv.at("latency"));
     std::vector<int> batch;
     for (double b : nums(kv.at("batch"))) batch.push_back(static_cast<int>(b));
-    if (static_cast<int>(m.rates.size()) != group_size || static_cast<int>(batch.size()) != job_ranks) return std::nullopt;
+    if (static_cast<int>(m.rates.size()) != group_size || static_cast<int>(batch.size()) != job_ranks)
+      return std::nullopt;
     auto const shapes = layer_shapes(deck, group_size, batch);
     if (layers.size() != shapes.size()) return std::nullopt;
     Plan plan;

@@ -8,7 +8,6 @@
 #pragma once
 
 #include <Kokkos_Core.hpp>
-
 #include <chrono>
 #include <thread>
 

@@ -16,15 +16,6 @@
 //  - Planner: mode by batch size, proportions from rates, a simulated 3x
 //    slower rank measured and given a third of the share.
 //  - Bad input: every rank exits 2 with the same message, none hangs.
-#include "app/Commands.hpp"
-#include "app/Trainer.hpp"
-#include "core/MemoryTracker.hpp"
-#include "core/MoeLayer.hpp"
-#include "io/Checkpoint.hpp"
-#include "io/Deck.hpp"
-#include "io/InputError.hpp"
-#include "parallel/MoeFactory.hpp"
-
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -38,6 +29,15 @@
 #include <map>
 #include <random>
 #include <sstream>
+
+#include "app/Commands.hpp"
+#include "app/Trainer.hpp"
+#include "core/MemoryTracker.hpp"
+#include "core/MoeLayer.hpp"
+#include "io/Checkpoint.hpp"
+#include "io/Deck.hpp"
+#include "io/InputError.hpp"
+#include "parallel/MoeFactory.hpp"
 
 namespace {
 
@@ -138,8 +138,8 @@ void expect_close(std::string const &what, HostVec const &got, HostVec const &wa
         << what << " not bit-identical: max |diff| " << err << " at " << worst << " (scale " << scale << ") on rank "
         << world_rank();
   } else {
-    EXPECT_LE(err, tol * std::max(scale, 1e-30)) << what << ": max |diff| " << err << " at " << worst << ", scale " << scale
-                                                 << ", rank " << world_rank();
+    EXPECT_LE(err, tol * std::max(scale, 1e-30))
+        << what << ": max |diff| " << err << " at " << worst << ", scale " << scale << ", rank " << world_rank();
   }
 }
 
@@ -245,7 +245,8 @@ void check_layer(MoeMode mode, LayerCase const &lc) {
   HostVec const want_y(ref.y.begin() + std::size_t(row0) * c.dim, ref.y.begin() + std::size_t(row0 + Tm) * c.dim);
   HostVec const want_dx(ref.dx.begin() + std::size_t(row0) * c.dim, ref.dx.begin() + std::size_t(row0 + Tm) * c.dim);
   bool const exact_rows = mode == MoeMode::data || n == 1;
-  std::string const tag = std::string(lc.name) + (mode == MoeMode::data ? " data" : " model") + " n=" + std::to_string(n);
+  std::string const tag =
+      std::string(lc.name) + (mode == MoeMode::data ? " data" : " model") + " n=" + std::to_string(n);
   expect_close(tag + " y", rows_to_host(y), want_y, exact_rows ? 0 : 2e-6);
   expect_close(tag + " dx", rows_to_host(dx), want_dx, exact_rows ? 0 : 2e-6);
   for (auto const &p : layer->parameters("moe")) {
@@ -307,7 +308,9 @@ TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
     l1->forward(space, matrix_from(x1, Tm, 16, row0), y1);
     l1->backward(space, matrix_from(d1, Tm, 16, row0), dx1);
     l0->backward(space, matrix_from(d0, Tm, 16, row0), dx0);
-    auto rows = [&](HostVec const &v) { return HostVec(v.begin() + std::size_t(row0) * 16, v.begin() + std::size_t(row0 + Tm) * 16); };
+    auto rows = [&](HostVec const &v) {
+      return HostVec(v.begin() + std::size_t(row0) * 16, v.begin() + std::size_t(row0 + Tm) * 16);
+    };
     std::string const tag = "step " + std::to_string(step);
     expect_close(tag + " y0", rows_to_host(y0), rows(r0.y), 0);
     expect_close(tag + " y1", rows_to_host(y1), rows(r1.y), 0);
@@ -316,8 +319,8 @@ TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
     for (auto [layer, ref] : {std::pair{l0.get(), &r0}, std::pair{l1.get(), &r1}})
       for (auto const &p : layer->parameters("m"))
         if (p.sharded())
-          expect_close(tag + " grad " + p.name, to_host(p.grad), block_of(ref->grads.at(key_of(p)), p.shape, p.offset, p.count),
-                       n == 1 ? 0 : 2e-6);
+          expect_close(tag + " grad " + p.name, to_host(p.grad),
+                       block_of(ref->grads.at(key_of(p)), p.shape, p.offset, p.count), n == 1 ? 0 : 2e-6);
     // "Optimizer step": halve every parameter, in the layers and the globals.
     for (auto [layer, glob] : {std::pair{l0.get(), &g0}, std::pair{l1.get(), &g1}}) {
       for (auto &kv : *glob)
@@ -337,7 +340,8 @@ ExpertBytes data_centric_bytes(MoeLayerConfig const &c, int layers) {
   auto cache = std::make_shared<PipelineSharedCache<Mem>>(group);
   std::int64_t const s0 = MemoryTracker::current_with_prefix("hexamoe::moe.slice");
   std::int64_t const c0 = MemoryTracker::current_with_prefix("hexamoe::cache.");
-  std::int64_t const w0 = MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
+  std::int64_t const w0 =
+      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
   std::vector<std::unique_ptr<MoeFfn<Space>>> model;
   for (int l = 0; l < layers; ++l) model.push_back(make_layer(MoeMode::data, c, group, group->slice(c.hidden), cache));
   Matrix<float, Mem> x("x", 8, c.dim), y("y", 8, c.dim);
@@ -346,7 +350,8 @@ ExpertBytes data_centric_bytes(MoeLayerConfig const &c, int layers) {
   ExpertBytes b;
   b.slices = MemoryTracker::current_with_prefix("hexamoe::moe.slice") - s0;
   b.cache = MemoryTracker::current_with_prefix("hexamoe::cache.") - c0;
-  b.whole = MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1") - w0;
+  b.whole =
+      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1") - w0;
   return b;
 }
 
@@ -355,21 +360,23 @@ TEST(Parallel, DataCentricExpertMemoryFallsAsOneOverN) {
   int const n = world_size();
   MoeLayerConfig const c = config(32, 96, 4, 1, Activation::gelu, false);  // 96 divides by 1..4
   // What one process holds for one layer (MoeLayer: W1, b1, W2 and their gradients).
-  std::int64_t const before = MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
+  std::int64_t const before =
+      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
   std::int64_t full = 0;
   {
     MoeLayer<float, Space> one(c);
-    full = MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1") - before;
+    full = MemoryTracker::current_with_prefix("hexamoe::moe.w") +
+           MemoryTracker::current_with_prefix("hexamoe::moe.b1") - before;
   }
   ASSERT_EQ(full, std::int64_t(2 * 4 * c.experts * (2 * c.dim + 1) * c.hidden)) << "the counters do not see MoeLayer";
   for (int layers : {2, 5}) {
     ExpertBytes const b = data_centric_bytes(c, layers);
-    EXPECT_EQ(b.slices * n, layers * full) << layers << " layers on " << n << " ranks: slices are not 1/n of the experts";
+    EXPECT_EQ(b.slices * n, layers * full)
+        << layers << " layers on " << n << " ranks: slices are not 1/n of the experts";
     EXPECT_EQ(b.cache, 2 * full) << "the cache is not four layer-sized buffers (two weight slots, gradient, reduce)";
     EXPECT_EQ(b.whole, 0) << "a data-centric layer still holds whole-layer expert tensors";
   }
 }
-
 
 // ---- Training through the trainer ------------------------------------------
 
@@ -489,7 +496,8 @@ TEST(Parallel, TrainingLossesMatchOneRank) {
   std::vector<double> const one = losses_on_first(1, [&](MPI_Comm c) { return train_on(c, train_deck(one_dir)); });
   ASSERT_EQ(one.size(), 6u);
   for (char const *mode : {"data", "model"}) {
-    auto const got = train_on(MPI_COMM_WORLD, train_deck(fresh_dir(std::string("n-") + mode), {std::string("parallel.mode=") + mode}));
+    auto const got = train_on(MPI_COMM_WORLD,
+                              train_deck(fresh_dir(std::string("n-") + mode), {std::string("parallel.mode=") + mode}));
     expect_losses(std::string("mode ") + mode, got.step_losses, one, 0, 1e-6);
   }
   // Two MoE groups of n/2 ranks: each slice has a replica whose gradient is
@@ -539,15 +547,15 @@ TEST(Parallel, DataCentricCheckpointRestartsModelCentric) {
 TEST(Parallel, TwoRankCheckpointRestartsOnThree) {
   if (world_size() < 3) GTEST_SKIP() << "needs 3 ranks";
   std::string const dstraight = fresh_dir("two-straight"), dstop = fresh_dir("two-stopped");
-  auto const straight = losses_on_first(2, [&](MPI_Comm c) { return train_on(c, train_deck(dstraight, {"parallel.mode=data"})); });
+  auto const straight =
+      losses_on_first(2, [&](MPI_Comm c) { return train_on(c, train_deck(dstraight, {"parallel.mode=data"})); });
   losses_on_first(2, [&](MPI_Comm c) { return train_on(c, train_deck(dstop, {"parallel.mode=data"}), "", 3); });
   std::string const ckpt = find_latest_checkpoint(dstop + "/checkpoints");
   ASSERT_FALSE(ckpt.empty());
   for (char const *mode : {"data", "model"}) {
     std::string const dir = fresh_dir(std::string("three-") + mode);
-    auto const rest = losses_on_first(3, [&](MPI_Comm c) {
-      return train_on(c, train_deck(dir, {std::string("parallel.mode=") + mode}), ckpt);
-    });
+    auto const rest = losses_on_first(
+        3, [&](MPI_Comm c) { return train_on(c, train_deck(dir, {std::string("parallel.mode=") + mode}), ckpt); });
     expect_losses(std::string("2 -> 3 ranks, ") + mode, rest, straight, 3, 1e-6);
   }
 }
@@ -576,10 +584,12 @@ TEST(Parallel, ResumedRunKeepsTheAutoPlan) {
   // The resumed run (auto) writes the same plan; a forced mode replaces it.
   std::string const d2 = fresh_dir("auto-resumed");
   train_on(MPI_COMM_WORLD, train_deck(d2, {"parallel.slowdown=" + slow}), ckpt);
-  EXPECT_EQ(CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d2 + "/checkpoints")).string_attr("moe_plan"), written);
+  EXPECT_EQ(CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d2 + "/checkpoints")).string_attr("moe_plan"),
+            written);
   std::string const d3 = fresh_dir("forced-resumed");
   train_on(MPI_COMM_WORLD, train_deck(d3, {"parallel.mode=model"}), ckpt);
-  std::string const forced = CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d3 + "/checkpoints")).string_attr("moe_plan");
+  std::string const forced =
+      CheckpointReader(MPI_COMM_WORLD, find_latest_checkpoint(d3 + "/checkpoints")).string_attr("moe_plan");
   EXPECT_NE(forced.find(":model:"), std::string::npos) << forced;
   EXPECT_EQ(forced.find(":data:"), std::string::npos) << forced;
 }
@@ -610,7 +620,8 @@ TEST(Parallel, PlannerPicksDataCentricForLargeBatchesAndModelCentricForSmall) {
   EXPECT_NEAR(small.layers[0].model.comm[0], 4.0 * (4 * 196 - 196) * (4.0 * 384 + 3.0) / m.bandwidth, 1e-12);
   auto const forced = make_plan(ParallelSection::Mode::data, {}, {swin_s_stage3(4, 196)}, m, 4);
   EXPECT_EQ(forced.layers[0].mode, MoeMode::data);
-  auto const one = make_plan(ParallelSection::Mode::automatic, {}, {swin_s_stage3(1, 196)}, MachineModel{{1e11}, 1e9, 0}, 1);
+  auto const one =
+      make_plan(ParallelSection::Mode::automatic, {}, {swin_s_stage3(1, 196)}, MachineModel{{1e11}, 1e9, 0}, 1);
   EXPECT_EQ(one.layers[0].mode, MoeMode::local);
 }
 
@@ -622,7 +633,8 @@ TEST(Parallel, PlannerGivesSlowerRankProportionallySmallerShare) {
   auto const &pr = p.layers[0].proportions;
   EXPECT_NEAR(pr[2] / pr[0], 1.0 / 3.0, 1e-12);
   EXPECT_NEAR(pr[0], 3.0 / 7.0, 1e-12);
-  auto const &sl = p.layers[0].slice;  // 1536 * 3/7 = 658.29, 1536 / 7 = 219.43: the spare unit to the largest remainder
+  auto const &sl =
+      p.layers[0].slice;  // 1536 * 3/7 = 658.29, 1536 / 7 = 219.43: the spare unit to the largest remainder
   EXPECT_EQ(sl.counts, (std::vector<int>{658, 658, 220}));
   auto const &c = p.layers[0].model.compute;
   EXPECT_LT(*std::max_element(c.begin(), c.end()) / *std::min_element(c.begin(), c.end()), 1.01) << "not balanced";
@@ -726,10 +738,10 @@ TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
                             "parallel.proportions has");
     expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[0.5, 0.6]"},
                             "must sum to 1");
-    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[-0.5, 1.5]"},
-                            ">= 0");
-    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.group_size=" + std::to_string(n + 1)},
-                            "does not divide");
+    expect_collective_error({"hexamoe", cmd, deck, "--set", out, "--set", "parallel.proportions=[-0.5, 1.5]"}, ">= 0");
+    expect_collective_error(
+        {"hexamoe", cmd, deck, "--set", out, "--set", "parallel.group_size=" + std::to_string(n + 1)},
+        "does not divide");
     // Only the last rank has a bad deck.
     std::vector<std::string> args = {"hexamoe", cmd, deck, "--set", out};
     if (world_rank() == n - 1) args.insert(args.end(), {"--set", "moe.top_k=9"});
