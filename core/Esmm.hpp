@@ -177,6 +177,327 @@ struct EsmmKernel {
   }
 };
 
+
+// Device ESMM on the engine of TileGemm.hpp: a team of 256 threads owns 128
+// sorted positions of one expert x 128 output columns. The gate scale of a
+// token_gated X is a per-row factor, applied in the epilogue.
+template <class ExecutionSpace, class TX, class TW, class TY, class MemorySpace, dev::Math M, bool TransW>
+struct EsmmDeviceKernel {
+  using Base = EsmmKernel<ExecutionSpace, TX, TW, TY, MemorySpace>;
+  using member_type = typename Base::member_type;
+  using Acc = typename Base::Acc;
+  static constexpr int BM = dev::BM, BN = dev::BN, NT = dev::NT, BKF = dev::BKF;
+  static constexpr bool mma_bf16 = M == dev::Math::bf16_mma;
+  static constexpr int BK = mma_bf16 ? dev::BKH : dev::BKF;
+
+  Base k;       // operands, epilogue and extents
+  bool vec_x;   // X rows readable in 16-byte vectors
+  bool vec_w;   // W rows likewise
+
+  // Scratch: the main loop's buffers, reused by the epilogue's staging of
+  // 128 x 64 accumulators (and, before the loop, by the experts' tile counts),
+  // then the row table (flat id, row scale, token gate of each tile row).
+  static constexpr std::size_t main_bytes = dev::scratch_bytes<M>(BK, false) - 128;
+  static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4;
+  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return main_bytes + table_bytes + 128; }
+  static int max_experts() { return static_cast<int>(main_bytes / sizeof(int)); }
+
+  KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
+    auto const &R = k.R;
+    int const tid = team.team_rank();
+    char *smem = static_cast<char *>(team.team_shmem().get_shmem_aligned(scratch() - 128, 128));
+    int *rflat = reinterpret_cast<int *>(smem + main_bytes);
+    Acc *rscale = reinterpret_cast<Acc *>(rflat + BM);
+    Acc *rgate = rscale + BM;
+
+    // This team's expert and row tile: the experts' tile counts are read
+    // once, in parallel, into scratch (tiles never straddle experts).
+    int const league = team.league_rank();
+    int const ct = league % k.col_tiles;
+    int tile = league / k.col_tiles;
+    int const E = R.num_experts;
+    int *ntiles = reinterpret_cast<int *>(smem);
+    for (int i = tid; i < E; i += NT) ntiles[i] = (R.counts(i) + BM - 1) / BM;
+    team.team_barrier();
+    int e = 0;
+    for (; e < E; ++e) {
+      int const nt = ntiles[e];
+      if (tile < nt) break;
+      tile -= nt;
+    }
+    if (e == E) return;  // the whole team leaves (every thread found the same e)
+    int const p0 = R.offsets(e) + tile * BM;
+    int const rows = (R.counts(e) - tile * BM) < BM ? (R.counts(e) - tile * BM) : BM;
+    int const c0 = ct * BN;
+    int const cols = (k.N - c0) < BN ? (k.N - c0) : BN;
+    if (tid < BM) {
+      int const flat = tid < rows ? R.sorted_flat(p0 + tid) : 0;
+      rflat[tid] = flat;
+      rscale[tid] = tid < rows ? k.x.scale(flat) : Acc(0);
+      rgate[tid] = tid < rows && k.ep.token_gate.data() != nullptr ? k.ep.token_gate(flat) : Acc(1);
+    }
+    team.team_barrier();  // the tile counts are dead, the row table is ready
+
+    float acc[8][8];
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    if constexpr (mma_bf16) {
+      main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+    } else {
+      main_loop_f32(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+    }
+
+    // Epilogue through scratch, 64 columns at a time: the accumulators go to
+    // scratch with compile-time indices (they stay in registers); then each
+    // thread owns one column (tid % 64) and every fourth row, reads its bias
+    // once and the act' inputs eight rows at a time before any store (they
+    // may alias the output), so that loads overlap; stores are coalesced.
+    float *stage = reinterpret_cast<float *>(smem);
+    constexpr int LD = dev::LDE;
+    int const topk = R.top_k;
+    auto const &ep = k.ep;
+    bool const agrad = ep.act_grad_of.data() != nullptr;
+    bool const want_act = ep.post.data() != nullptr || ep.token_out.data() != nullptr;
+    for (int half = 0; half < 2; ++half) {
+      team.team_barrier();  // the main loop's scratch (or the last half) is free
+HEXAMOE_UNROLL
+      for (int i = 0; i < 8; ++i)
+HEXAMOE_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          int const c = dev::acc_col<M>(tid, j);
+          if ((c >> 6) == half) stage[dev::acc_row<M>(tid, i) * LD + (c & 63)] = acc[i][j];
+        }
+      team.team_barrier();
+      int const c = tid & 63;
+      int const n = c0 + half * 64 + c;
+      if (half * 64 + c >= cols) continue;
+      Acc const bc = k.has_bias ? to_acc<Acc>(k.bias(e, n)) : Acc(0);
+      for (int r0 = tid >> 6; r0 < rows; r0 += 32) {
+        Acc z[8];
+HEXAMOE_UNROLL
+        for (int q = 0; q < 8; ++q) {
+          int const r = r0 + 4 * q;
+          z[q] = agrad && r < rows ? to_acc<Acc>(ep.act_grad_of(p0 + r, n)) : Acc(0);
+        }
+HEXAMOE_UNROLL
+        for (int q = 0; q < 8; ++q) {
+          int const r = r0 + 4 * q;
+          if (r >= rows) break;
+          int const p = p0 + r;
+          Acc v = rscale[r] * static_cast<Acc>(stage[r * LD + c]) + bc;
+          if (agrad) v *= activate_grad(ep.act, z[q]);
+          if (ep.pre.data() != nullptr) ep.pre(p, n) = from_acc<TY>(v);
+          if (want_act) {
+            Acc const a = agrad ? v : activate(ep.act, v);
+            if (ep.post.data() != nullptr) ep.post(p, n) = from_acc<TY>(a);
+            if (ep.token_out.data() != nullptr) ep.token_out(rflat[r] / topk, n) = from_acc<TY>(rgate[r] * a);
+          }
+        }
+      }
+    }
+  }
+
+  // Pointer to the X row of tile row r (null past the valid rows).
+  KOKKOS_INLINE_FUNCTION TX const *x_row(int const *rflat, int p0, int rows, int r) const {
+    if (r >= rows) return nullptr;
+    return &k.x.rows(k.x.row(p0 + r, rflat[r], k.R.top_k), 0);
+  }
+
+  KOKKOS_INLINE_FUNCTION void main_loop_bf16(member_type const &team, bfloat16 *smem, int const *rflat,
+                                             float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
+                                             int tid) const {
+    if constexpr (mma_bf16) {
+      int const K = k.K;
+      bfloat16 *sA = smem;                // 2 x [BM][BK]
+      bfloat16 *sB = smem + 2 * BM * BK;  // 2 x [BK][BN] or [BN][BK]
+      // Staging slots: A rows (tid>>2) + 64 i, 8 columns at (tid&3)*8; B the
+      // same when transposed ([n][k]), else rows (tid>>4) + 16 i, columns (tid&15)*8.
+      TX const *xa[2] = {x_row(rflat, p0, rows, tid >> 2), x_row(rflat, p0, rows, (tid >> 2) + 64)};
+      int const ac = (tid & 3) * 8;
+      TW const *wb[2];
+      int bc;
+      if constexpr (TransW) {
+        bc = (tid & 3) * 8;
+        for (int i = 0; i < 2; ++i) {
+          int const n = (tid >> 2) + 64 * i;
+          wb[i] = n < cols ? &k.w(e, c0 + n, 0) : nullptr;
+        }
+      } else {
+        bc = (tid & 15) * 8;
+        for (int i = 0; i < 2; ++i) wb[i] = bc < cols ? &k.w(e, 0, c0 + bc) : nullptr;
+      }
+      std::size_t const ldw = TransW ? 0 : k.w.stride_1();
+      dev::Vec16 ra[2], rb[2];
+      auto load = [&](int k0) {
+        for (int i = 0; i < 2; ++i) {
+          ra[i] = dev::load8(xa[i] ? xa[i] + k0 + ac : nullptr, xa[i] ? K - k0 - ac : 0, vec_x);
+          if constexpr (TransW) {
+            rb[i] = dev::load8(wb[i] ? wb[i] + k0 + bc : nullptr, wb[i] ? K - k0 - bc : 0, vec_w);
+          } else {
+            int const kk = k0 + (tid >> 4) + 16 * i;
+            bool const ok = wb[i] != nullptr && kk < K;
+            rb[i] = dev::load8(ok ? wb[i] + kk * ldw : nullptr, ok ? cols - bc : 0, vec_w);
+          }
+        }
+      };
+      auto store = [&](int stage) {
+        bfloat16 *a = sA + stage * BM * BK, *b = sB + stage * BM * BK;
+        for (int i = 0; i < 2; ++i) {
+          *reinterpret_cast<dev::Vec16 *>(a + dev::sw32((tid >> 2) + 64 * i, ac)) = ra[i];
+          if constexpr (TransW) {
+            *reinterpret_cast<dev::Vec16 *>(b + dev::sw32((tid >> 2) + 64 * i, bc)) = rb[i];
+          } else {
+            *reinterpret_cast<dev::Vec16 *>(b + dev::sw128((tid >> 4) + 16 * i, bc)) = rb[i];
+          }
+        }
+      };
+      int const warp = tid >> 5;
+      bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
+      int const nk = (K + BK - 1) / BK;
+      if (nk > 0) {
+        load(0);
+        store(0);
+      }
+      team.team_barrier();
+      for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) load((kt + 1) * BK);
+        if (active)
+          dev::mma_step_bf16<BK, false, TransW, false>(acc, sA + (kt & 1) * BM * BK, sB + (kt & 1) * BM * BK, nullptr,
+                                                       tid);
+        if (kt + 1 < nk) store((kt + 1) & 1);
+        team.team_barrier();
+      }
+    } else {
+      (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
+    }
+  }
+
+  KOKKOS_INLINE_FUNCTION void main_loop_f32(member_type const &team, float *smem, int const *rflat,
+                                            float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
+                                            int tid) const {
+    if constexpr (!mma_bf16) {
+      int const K = k.K;
+      float *sA = smem;                      // 2 x [BKF][LDF]: rows k, columns m
+      float *sB = smem + 2 * BKF * dev::LDF;  // 2 x [BKF][LDF]: rows k, columns n
+      constexpr int LD = dev::LDF;
+      // A slots: rows (tid>>2) + 64 i, 4 k at (tid&3)*4 (stored transposed).
+      TX const *xa[2] = {x_row(rflat, p0, rows, tid >> 2), x_row(rflat, p0, rows, (tid >> 2) + 64)};
+      int const ac = (tid & 3) * 4;
+      TW const *wb[2];
+      int bc;
+      if constexpr (TransW) {  // rows n (tid>>2) + 64 i, 4 k at (tid&3)*4
+        bc = (tid & 3) * 4;
+        for (int i = 0; i < 2; ++i) {
+          int const n = (tid >> 2) + 64 * i;
+          wb[i] = n < cols ? &k.w(e, c0 + n, 0) : nullptr;
+        }
+      } else {  // rows k (tid>>5) + 8 i, 4 n at (tid&31)*4
+        bc = (tid & 31) * 4;
+        for (int i = 0; i < 2; ++i) wb[i] = bc < cols ? &k.w(e, 0, c0 + bc) : nullptr;
+      }
+      std::size_t const ldw = TransW ? 0 : k.w.stride_1();
+      dev::Float4 ra[2], rb[2];
+      auto load = [&](int k0) {
+        for (int i = 0; i < 2; ++i) {
+          ra[i] = dev::load4(xa[i] ? xa[i] + k0 + ac : nullptr, xa[i] ? K - k0 - ac : 0, vec_x);
+          if constexpr (TransW) {
+            rb[i] = dev::load4(wb[i] ? wb[i] + k0 + bc : nullptr, wb[i] ? K - k0 - bc : 0, vec_w);
+          } else {
+            int const kk = k0 + (tid >> 5) + 8 * i;
+            bool const ok = wb[i] != nullptr && kk < K;
+            rb[i] = dev::load4(ok ? wb[i] + kk * ldw : nullptr, ok ? cols - bc : 0, vec_w);
+          }
+        }
+      };
+      auto store = [&](int stage) {
+        float *a = sA + stage * BKF * LD, *b = sB + stage * BKF * LD;
+        for (int i = 0; i < 2; ++i) {
+          dev::put4_col<M>(a + ac * LD + (tid >> 2) + 64 * i, ra[i]);
+          if constexpr (TransW) {
+            dev::put4_col<M>(b + bc * LD + (tid >> 2) + 64 * i, rb[i]);
+          } else {
+            dev::put4_row<M>(b + ((tid >> 5) + 8 * i) * LD + bc, rb[i]);
+          }
+        }
+      };
+      int const nk = (K + BKF - 1) / BKF;
+      if (nk > 0) {
+        load(0);
+        store(0);
+      }
+      team.team_barrier();
+      for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) load((kt + 1) * BKF);
+        dev::step_f32<M>(acc, sA + (kt & 1) * BKF * LD, sB + (kt & 1) * BKF * LD, tid);
+        if (kt + 1 < nk) store((kt + 1) & 1);
+        team.team_barrier();
+      }
+    } else {
+      (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
+    }
+  }
+};
+
+// Launch the device ESMM for arithmetic M (instantiated only where M fits the types).
+template <dev::Math M, class ExecutionSpace, class TX, class TW, class TY, class MemorySpace>
+void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, TX, TW, TY, MemorySpace> const &base,
+                        int S, int E) {
+  constexpr int width = M == dev::Math::bf16_mma ? 8 : 4;
+  auto const &x = base.x.rows;
+  auto const &w = base.w;
+  bool const vec_x = dev::vector_ok(x.data(), x.stride_0(), width);
+  bool const vec_w = dev::vector_ok(w.data(), w.stride_1(), width) && w.stride_0() % width == 0;
+  int const col_tiles = (base.N + dev::BN - 1) / dev::BN;
+  int const row_tiles = (S + dev::BM - 1) / dev::BM + E;  // upper bound on sum_e ceil(count_e / BM)
+  auto b = base;
+  b.col_tiles = col_tiles;
+  auto run = [&](auto kernel) {
+    using Kernel = decltype(kernel);
+    // Light weight: the functor travels as a kernel argument (a constant-memory
+    // launch would make the host wait for the previous such kernel).
+    auto policy = Kokkos::Experimental::require(
+        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, row_tiles * col_tiles, dev::NT),
+        Kokkos::Experimental::WorkItemProperty::HintLightWeight);
+    policy.set_scratch_size(0, Kokkos::PerTeam(Kernel::scratch()));
+    Kokkos::parallel_for(dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T" : ""), policy, kernel);
+  };
+  if (base.transpose_w) {
+    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w});
+  } else {
+    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w});
+  }
+}
+
+// Device dispatch: returns false where the generic tile must run.
+template <class ExecutionSpace, class TX, class TW, class TY, class MemorySpace>
+bool esmm_on_device_engine(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, TX, TW, TY, MemorySpace> const &base,
+                           int S, int E) {
+  using X = std::remove_const_t<TX>;
+  using W = std::remove_const_t<TW>;
+  if constexpr (runs_on_host<ExecutionSpace> || !std::is_same_v<X, W> ||
+                !(std::is_same_v<X, float> || std::is_same_v<X, bfloat16>)) {
+    (void)space, (void)base, (void)S, (void)E;
+    return false;
+  } else {
+    if (E > EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, dev::Math::simt, false>::max_experts())
+      return false;  // the experts' tile counts would not fit in scratch
+    switch (dev::math_for<ExecutionSpace, TX, TW>()) {
+      case dev::Math::bf16_mma:
+        if constexpr (std::is_same_v<X, bfloat16>) launch_esmm_device<dev::Math::bf16_mma>(space, base, S, E);
+        return true;
+      case dev::Math::tf32_mma:
+        if constexpr (std::is_same_v<X, float>) launch_esmm_device<dev::Math::tf32_mma>(space, base, S, E);
+        return true;
+      case dev::Math::simt:
+        if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<X, float>)  // bf16 on CUDA: mma
+          launch_esmm_device<dev::Math::simt>(space, base, S, E);
+        return true;
+      default:
+        return false;
+    }
+  }
+}
+
 inline void require(bool ok, std::string const &op, std::string const &what) {
   if (!ok) throw std::invalid_argument(op + ": " + what);
 }
@@ -242,6 +563,7 @@ void esmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowOp
   int const col_tiles = (N + Shape::TN - 1) / Shape::TN;
   int const row_tiles = (S + Shape::TM - 1) / Shape::TM + E;  // upper bound on sum_e ceil(count_e / TM)
   Kernel kernel{R, x, w, bias, ep, transpose_w, has_bias, K, N, col_tiles};
+  if (detail::esmm_on_device_engine(space, kernel, S, E)) return;
   Kokkos::TeamPolicy<ExecutionSpace> policy(space, row_tiles * col_tiles, Kernel::host ? 1 : Shape::team_size);
   policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host)));
   Kokkos::parallel_for("hexamoe::esmm", policy, kernel);

@@ -131,6 +131,270 @@ struct EstmmKernel {
   }
 };
 
+
+// Device ESTMM on the engine of TileGemm.hpp: a team of 256 threads owns one
+// (expert, 128 rows of M, 128 columns of N) and walks the expert's sorted
+// positions in order (deterministic). With bf16 tensor cores, row scales (the
+// gate of a token_gated operand) multiply B in float and B is split into two
+// bf16 halves (hi + lo), so the scale costs no accuracy; float paths scale in
+// float as they stage.
+template <class ExecutionSpace, class TA, class TB, class TO, class MemorySpace, dev::Math M, bool Scaled>
+struct EstmmDeviceKernel {
+  using Base = EstmmKernel<ExecutionSpace, TA, TB, TO, MemorySpace>;
+  using member_type = typename Base::member_type;
+  static constexpr int BM = dev::BM, BN = dev::BN, NT = dev::NT, BKF = dev::BKF;
+  static constexpr bool mma_bf16 = M == dev::Math::bf16_mma;
+  static constexpr bool lo = mma_bf16 && Scaled;
+  static constexpr int BK = mma_bf16 ? (Scaled ? 16 : 32) : dev::BKF;
+
+  Base k;
+  bool vec_a, vec_b;
+
+  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return dev::scratch_bytes<M>(BK, lo); }
+
+  KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
+    auto const &R = k.R;
+    int const league = team.league_rank();
+    int const nt = league % k.n_tiles;
+    int const mt = (league / k.n_tiles) % k.m_tiles;
+    int const e = league / (k.n_tiles * k.m_tiles);
+    int const m0 = mt * BM, n0 = nt * BN;
+    int const rows = (k.M - m0) < BM ? (k.M - m0) : BM;
+    int const cols = (k.N - n0) < BN ? (k.N - n0) : BN;
+    int const pbeg = R.offsets(e), pend = R.offsets(e + 1);
+    bool const do_bias = k.bias_out.data() != nullptr && mt == 0;
+    int const tid = team.team_rank();
+    void *smem = team.team_shmem().get_shmem_aligned(scratch() - 128, 128);
+
+    float acc[8][8];
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    float bsum = 0.f;  // fused ESS: thread tid < BN sums column tid
+    if constexpr (mma_bf16) {
+      main_loop_bf16(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
+    } else {
+      main_loop_f32(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
+    }
+    using TOut = typename Base::Acc;
+    for (int i = 0; i < 8; ++i) {
+      int const r = dev::acc_row<M>(tid, i);
+      if (r >= rows) continue;
+      for (int j = 0; j < 8; ++j) {
+        int const c = dev::acc_col<M>(tid, j);
+        if (c < cols) k.out(e, m0 + r, n0 + c) = static_cast<TO>(static_cast<TOut>(acc[i][j]));
+      }
+    }
+    if (do_bias && tid < cols) k.bias_out(e, n0 + tid) = static_cast<TO>(static_cast<TOut>(bsum));
+  }
+
+  // The loads of a k step read rows through flat ids fetched one step earlier
+  // (fetch), so that the index load and the data load do not form a chain
+  // inside one step; the row scales (gates) are applied when staged (store).
+  KOKKOS_INLINE_FUNCTION int fetch_flat(int p, int pend) const { return p < pend ? k.R.sorted_flat(p) : -1; }
+  template <class T>
+  KOKKOS_INLINE_FUNCTION T const *row_ptr(RowOperand<T, MemorySpace> const &op, int p, int flat, int col) const {
+    return flat < 0 ? nullptr : &op.rows(op.row(p, flat, k.R.top_k), 0) + col;
+  }
+  KOKKOS_INLINE_FUNCTION void scales(int flat, float &sa, float &sb) const {
+    sa = sb = 1.f;
+    if constexpr (Scaled) {
+      if (flat >= 0) {
+        sa = static_cast<float>(k.a.scale(flat));
+        sb = static_cast<float>(k.b.scale(flat));
+      }
+    }
+  }
+
+  KOKKOS_INLINE_FUNCTION void main_loop_bf16(member_type const &team, bfloat16 *smem, float (&acc)[8][8], float &bsum,
+                                             bool do_bias, int pbeg, int pend, int m0, int rows, int n0, int cols,
+                                             int tid) const {
+    if constexpr (mma_bf16) {
+      constexpr int NS = BK / 16;  // staging slots per thread and operand
+      constexpr int stage = BK * BM;
+      bfloat16 *sA = smem;               // 2 x [BK][BM] (rows p, sw128)
+      bfloat16 *sB = smem + 2 * stage;   // 2 x [BK][BN]
+      bfloat16 *sL = smem + 4 * stage;   // 2 x [BK][BN], low halves (lo only)
+      int const cc = (tid & 15) * 8;
+      dev::Vec16 ra[NS], rb[NS];
+      float sa[NS], sb[NS];
+      int fl[NS];  // flat ids of the next load
+      auto fetch = [&](int p0) {
+        for (int i = 0; i < NS; ++i) fl[i] = fetch_flat(p0 + (tid >> 4) + 16 * i, pend);
+      };
+      auto load = [&](int p0) {
+        for (int i = 0; i < NS; ++i) {
+          int const p = p0 + (tid >> 4) + 16 * i;
+          TA const *ap = row_ptr(k.a, p, fl[i], m0 + cc);
+          TB const *bp = row_ptr(k.b, p, fl[i], n0 + cc);
+          ra[i] = dev::load8(ap, ap ? rows - cc : 0, vec_a);
+          rb[i] = dev::load8(bp, bp ? cols - cc : 0, vec_b);
+          scales(fl[i], sa[i], sb[i]);
+        }
+      };
+      auto store = [&](int s) {
+        for (int i = 0; i < NS; ++i) {
+          int const off = dev::sw128((tid >> 4) + 16 * i, cc);
+          *reinterpret_cast<dev::Vec16 *>(sA + s * stage + off) = ra[i];
+          if constexpr (lo) {
+            dev::Vec16 hi, low;
+            dev::scale_split(rb[i], sa[i] * sb[i], hi, low);
+            *reinterpret_cast<dev::Vec16 *>(sB + s * stage + off) = hi;
+            *reinterpret_cast<dev::Vec16 *>(sL + s * stage + off) = low;
+          } else {
+            *reinterpret_cast<dev::Vec16 *>(sB + s * stage + off) = rb[i];
+          }
+        }
+      };
+      int const warp = tid >> 5;
+      bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
+      int const nk = (pend - pbeg + BK - 1) / BK;
+      if (nk > 0) {
+        fetch(pbeg);
+        load(pbeg);
+        fetch(pbeg + BK);
+        store(0);
+      }
+      team.team_barrier();
+      for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) {
+          load(pbeg + (kt + 1) * BK);   // ids fetched a step ago
+          fetch(pbeg + (kt + 2) * BK);  // used by the next step's load
+        }
+        int const s = kt & 1;
+        if (active) dev::mma_step_bf16<BK, true, false, lo>(acc, sA + s * stage, sB + s * stage, sL + s * stage, tid);
+        if (do_bias && tid < BN)
+          for (int kk = 0; kk < BK; ++kk) {
+            int const off = s * stage + dev::sw128(kk, tid);
+            bsum += static_cast<float>(sB[off]);
+            if constexpr (lo) bsum += static_cast<float>(sL[off]);
+          }
+        if (kt + 1 < nk) store((kt + 1) & 1);
+        team.team_barrier();
+      }
+    } else {
+      (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
+          (void)n0, (void)cols, (void)tid;
+    }
+  }
+
+  KOKKOS_INLINE_FUNCTION void main_loop_f32(member_type const &team, float *smem, float (&acc)[8][8], float &bsum,
+                                            bool do_bias, int pbeg, int pend, int m0, int rows, int n0, int cols,
+                                            int tid) const {
+    if constexpr (!mma_bf16) {
+      constexpr int LD = dev::LDF, stage = BKF * LD;
+      float *sA = smem;              // 2 x [BKF][LDF]: rows p, columns m
+      float *sB = smem + 2 * stage;  // 2 x [BKF][LDF]: rows p, columns n
+      int const cc = (tid & 31) * 4;
+      dev::Float4 ra[2], rb[2];
+      float sa[2], sb[2];
+      int fl[2];  // flat ids of the next load
+      auto fetch = [&](int p0) {
+        for (int i = 0; i < 2; ++i) fl[i] = fetch_flat(p0 + (tid >> 5) + 8 * i, pend);
+      };
+      auto load = [&](int p0) {
+        for (int i = 0; i < 2; ++i) {
+          int const p = p0 + (tid >> 5) + 8 * i;
+          TA const *ap = row_ptr(k.a, p, fl[i], m0 + cc);
+          TB const *bp = row_ptr(k.b, p, fl[i], n0 + cc);
+          ra[i] = dev::load4(ap, ap ? rows - cc : 0, vec_a);
+          rb[i] = dev::load4(bp, bp ? cols - cc : 0, vec_b);
+          scales(fl[i], sa[i], sb[i]);
+        }
+      };
+      auto store = [&](int s) {
+        for (int i = 0; i < 2; ++i) {
+          if constexpr (Scaled) {
+            for (int j = 0; j < 4; ++j) {
+              ra[i].v[j] *= sa[i];
+              rb[i].v[j] *= sb[i];
+            }
+          }
+          int const off = s * stage + ((tid >> 5) + 8 * i) * LD + cc;
+          dev::put4_row<M>(sA + off, ra[i]);
+          dev::put4_row<M>(sB + off, rb[i]);
+        }
+      };
+      int const nk = (pend - pbeg + BKF - 1) / BKF;
+      if (nk > 0) {
+        fetch(pbeg);
+        load(pbeg);
+        fetch(pbeg + BKF);
+        store(0);
+      }
+      team.team_barrier();
+      for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) {
+          load(pbeg + (kt + 1) * BKF);   // ids fetched a step ago
+          fetch(pbeg + (kt + 2) * BKF);  // used by the next step's load
+        }
+        int const s = kt & 1;
+        dev::step_f32<M>(acc, sA + s * stage, sB + s * stage, tid);
+        if (do_bias && tid < BN)
+          for (int kk = 0; kk < BKF; ++kk) bsum += sB[s * stage + kk * LD + tid];
+        if (kt + 1 < nk) store((kt + 1) & 1);
+        team.team_barrier();
+      }
+    } else {
+      (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
+          (void)n0, (void)cols, (void)tid;
+    }
+  }
+};
+
+template <dev::Math M, class ExecutionSpace, class TA, class TB, class TO, class MemorySpace>
+void launch_estmm_device(ExecutionSpace const &space, EstmmKernel<ExecutionSpace, TA, TB, TO, MemorySpace> const &base,
+                         int E) {
+  constexpr int width = M == dev::Math::bf16_mma ? 8 : 4;
+  bool const vec_a = dev::vector_ok(base.a.rows.data(), base.a.rows.stride_0(), width);
+  bool const vec_b = dev::vector_ok(base.b.rows.data(), base.b.rows.stride_0(), width);
+  auto b = base;
+  b.m_tiles = (base.M + dev::BM - 1) / dev::BM;
+  b.n_tiles = (base.N + dev::BN - 1) / dev::BN;
+  bool const scaled = base.a.source == RowSource::token_gated || base.b.source == RowSource::token_gated;
+  auto run = [&](auto kernel) {
+    using Kernel = decltype(kernel);
+    auto policy = Kokkos::Experimental::require(
+        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, E * b.m_tiles * b.n_tiles, dev::NT),
+        Kokkos::Experimental::WorkItemProperty::HintLightWeight);  // no constant-memory launch (host wait)
+    policy.set_scratch_size(0, Kokkos::PerTeam(Kernel::scratch()));
+    Kokkos::parallel_for(dev::kernel_label("hexamoe::estmm", M, scaled ? ", gated" : ""), policy, kernel);
+  };
+  if (scaled) {
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, true>{b, vec_a, vec_b});
+  } else {
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, false>{b, vec_a, vec_b});
+  }
+}
+
+// Device dispatch: returns false where the generic tile must run.
+template <class ExecutionSpace, class TA, class TB, class TO, class MemorySpace>
+bool estmm_on_device_engine(ExecutionSpace const &space,
+                            EstmmKernel<ExecutionSpace, TA, TB, TO, MemorySpace> const &base, int E) {
+  using A = std::remove_const_t<TA>;
+  using B = std::remove_const_t<TB>;
+  if constexpr (runs_on_host<ExecutionSpace> || !std::is_same_v<A, B> ||
+                !(std::is_same_v<A, float> || std::is_same_v<A, bfloat16>) ||
+                !std::is_same_v<accumulator_t<TO>, float>) {
+    (void)space, (void)base, (void)E;
+    return false;
+  } else {
+    switch (dev::math_for<ExecutionSpace, TA, TB>()) {
+      case dev::Math::bf16_mma:
+        if constexpr (std::is_same_v<A, bfloat16>) launch_estmm_device<dev::Math::bf16_mma>(space, base, E);
+        return true;
+      case dev::Math::tf32_mma:
+        if constexpr (std::is_same_v<A, float>) launch_estmm_device<dev::Math::tf32_mma>(space, base, E);
+        return true;
+      case dev::Math::simt:
+        if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<A, float>)  // bf16 on CUDA: mma
+          launch_estmm_device<dev::Math::simt>(space, base, E);
+        return true;
+      default:
+        return false;
+    }
+  }
+}
+
 template <class ExecutionSpace, class TB, class TO, class MemorySpace>
 struct EssKernel {
   using Acc = accumulator_t<TO>;
@@ -189,6 +453,7 @@ void estmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowO
   using Shape = typename Kernel::Shape;
   int const m_tiles = (M + Shape::TM - 1) / Shape::TM, n_tiles = (N + Shape::TN - 1) / Shape::TN;
   Kernel kernel{R, a, b, out, bias_out, M, N, m_tiles, n_tiles};
+  if (detail::estmm_on_device_engine(space, kernel, E)) return;
   Kokkos::TeamPolicy<ExecutionSpace> policy(space, E * m_tiles * n_tiles, Kernel::host ? 1 : Shape::team_size);
   policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host)));
   Kokkos::parallel_for("hexamoe::estmm", policy, kernel);

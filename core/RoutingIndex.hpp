@@ -166,15 +166,6 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
         });
   }
 
-  // 2. Exclusive scan of the table: each entry becomes the chunk's first sorted position.
-  Kokkos::parallel_scan(
-      "hexamoe::routing_scan", Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, ntab),
-      KOKKOS_LAMBDA(std::size_t i, int &run, bool final) {
-        int const v = table(i);
-        if (final) table(i) = run;
-        run += v;
-      });
-
   R.offsets = detail::routing_buffer(space, reuse.offsets, E + 1, "hexamoe::routing_offsets");
   R.counts = detail::routing_buffer(space, reuse.counts, E, "hexamoe::routing_counts");
   R.sorted_flat = detail::routing_buffer(space, reuse.sorted_flat, S, "hexamoe::routing_sorted_flat");
@@ -183,6 +174,64 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
   auto counts = R.counts;
   auto sorted = R.sorted_flat;
   auto position = R.position;
+  int const cap = R.capacity;
+
+  // 2. Exclusive scan of the table: each entry becomes the chunk's first sorted position.
+  if constexpr (host) {
+    Kokkos::parallel_scan(
+        "hexamoe::routing_scan", Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, ntab),
+        KOKKOS_LAMBDA(std::size_t i, int &run, bool final) {
+          int const v = table(i);
+          if (final) table(i) = run;
+          run += v;
+        });
+  } else {
+    // The table is small (experts x chunks): one team scans it (segments per
+    // thread, their sums scanned in scratch) and derives counts and offsets,
+    // in one launch.
+    using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename team_policy::member_type;
+    int const ts = 256;
+    team_policy tp(space, 1, ts);
+    tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * (ts + 1)));
+    Kokkos::parallel_for(
+        "hexamoe::routing_scan", tp, KOKKOS_LAMBDA(member const &team) {
+          int *part = static_cast<int *>(team.team_shmem().get_shmem(sizeof(int) * (ts + 1)));
+          int const t = team.team_rank(), nt = team.team_size();
+          std::size_t const seg = (ntab + nt - 1) / nt;
+          std::size_t const beg = t * seg < ntab ? t * seg : ntab, end = beg + seg < ntab ? beg + seg : ntab;
+          int sum = 0;
+          for (std::size_t i = beg; i < end; ++i) sum += table(i);
+          part[t] = sum;
+          team.team_barrier();
+          if (t == 0) {
+            int run = 0;
+            for (int q = 0; q < nt; ++q) {
+              int const v = part[q];
+              part[q] = run;
+              run += v;
+            }
+          }
+          team.team_barrier();
+          int run = part[t];
+          for (std::size_t i = beg; i < end; ++i) {
+            int const v = table(i);
+            table(i) = run;
+            run += v;
+          }
+          team.team_barrier();
+          if (t == 0) {
+            int off = 0;
+            for (int e = 0; e < E; ++e) {
+              int const n = table(static_cast<std::size_t>(e + 1) * nchunks) - table(static_cast<std::size_t>(e) * nchunks);
+              counts(e) = n;
+              offsets(e) = off;
+              off += cap > 0 && n > cap ? cap : n;
+            }
+            offsets(E) = off;
+          }
+        });
+  }
 
   // 3. Place: an assignment goes to its chunk's cursor for its expert plus the
   // number of earlier assignments of the chunk to the same expert (stable).
@@ -230,30 +279,22 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
           });
         });
   }
-  // Counts and offsets: on devices expert e spans the scanned entries of its
-  // first chunk and of expert e + 1's first chunk; on hosts (cursors bumped)
-  // the last chunk's entry is expert e's end.
-  int const cap = R.capacity;
-  bool const bumped = host;
-  Kokkos::parallel_for(
-      "hexamoe::routing_offsets", policy(space, 0, 1), KOKKOS_LAMBDA(int) {
-        int run = 0, prev_end = 0;
-        for (int e = 0; e < E; ++e) {
-          int start, end;
-          if (bumped) {
-            start = prev_end;
-            end = nchunks > 0 ? table(static_cast<std::size_t>(e) * nchunks + nchunks - 1) : 0;
-          } else {
-            start = table(static_cast<std::size_t>(e) * nchunks);
-            end = table(static_cast<std::size_t>(e + 1) * nchunks);
+  // Counts and offsets on hosts (devices derived them with the scan): the
+  // cursors were bumped, so the last chunk's entry is expert e's end.
+  if constexpr (host) {
+    Kokkos::parallel_for(
+        "hexamoe::routing_offsets", policy(space, 0, 1), KOKKOS_LAMBDA(int) {
+          int run = 0, start = 0;
+          for (int e = 0; e < E; ++e) {
+            int const end = nchunks > 0 ? table(static_cast<std::size_t>(e) * nchunks + nchunks - 1) : 0;
+            counts(e) = end - start;
+            start = end;
+            offsets(e) = run;
+            run += cap > 0 && counts(e) > cap ? cap : counts(e);
           }
-          prev_end = end;
-          counts(e) = end - start;
-          offsets(e) = run;
-          run += cap > 0 && counts(e) > cap ? cap : counts(e);
-        }
-        offsets(E) = run;
-      });
+          offsets(E) = run;
+        });
+  }
 
   if (cap > 0) {
     // Keep the first `cap` assignments of each expert: compact the sorted list.

@@ -12,12 +12,31 @@
 //   extent are never computed;
 // - device backends (CUDA, HIP, SYCL): (TM/RM) x (TN/RN) threads, each holding
 //   an RM x RN block of accumulators in registers for the whole reduction.
+//
+// The expert operators on devices use the larger engine in namespace `dev`
+// below (128 x 128 tiles, 256 threads, register-staged double-buffered
+// scratch, 16-byte loads): on CUDA with tensor cores (mma.sync: bf16 operands,
+// or tf32 for float32 storage when HEXAMOE_TF32=1), elsewhere and for exact
+// float32 with an 8 x 8 register-blocked FMA micro-kernel. The generic tile
+// above remains for double and mixed storage types.
 #pragma once
 
 #include "BFloat16.hpp"
 #include "Compat.hpp"
 
 #include <Kokkos_Core.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+// Loop unrolling hint for device compilers (host compilers would warn on it).
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define HEXAMOE_UNROLL _Pragma("unroll")
+#else
+#define HEXAMOE_UNROLL
+#endif
 
 namespace hexamoe {
 namespace detail {
@@ -118,5 +137,347 @@ constexpr std::size_t tile_scratch_bytes(bool host) {
          64;
 }
 
+
+// ---------------------------------------------------------------------------
+// The device engine of ESMM and ESTMM.
+namespace dev {
+
+// Which arithmetic a device kernel uses.
+enum class Math {
+  generic,   // the portable tile above (double, mixed storage types, host)
+  simt,      // float accumulators from FMA on float32 or bf16 operands (any device)
+  bf16_mma,  // CUDA tensor cores, bf16 operands, float32 accumulation
+  tf32_mma,  // CUDA tensor cores, float32 storage rounded to tf32 (opt-in)
+};
+
+// tf32 for float32 storage: off by default (float32 results then keep float32
+// accuracy); HEXAMOE_TF32=1 in the environment or set_tf32(true) turns it on.
+inline bool &tf32_flag() {
+  static bool on = [] {
+    char const *v = std::getenv("HEXAMOE_TF32");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+template <class ExecutionSpace>
+inline constexpr bool is_cuda =
+#if defined(KOKKOS_ENABLE_CUDA)
+    std::is_same_v<ExecutionSpace, Kokkos::Cuda>;
+#else
+    false;
+#endif
+
+// The arithmetic for (execution space, operand storage types).
+template <class ExecutionSpace, class TA, class TB>
+Math math_for() {
+  using A = std::remove_const_t<TA>;
+  using B = std::remove_const_t<TB>;
+  if constexpr (runs_on_host<ExecutionSpace> || !std::is_same_v<A, B>) {
+    return Math::generic;
+  } else if constexpr (std::is_same_v<A, bfloat16>) {
+    return is_cuda<ExecutionSpace> ? Math::bf16_mma : Math::simt;
+  } else if constexpr (std::is_same_v<A, float>) {
+    return is_cuda<ExecutionSpace> && tf32_flag() ? Math::tf32_mma : Math::simt;
+  } else {
+    return Math::generic;
+  }
+}
+
+constexpr int BM = 128, BN = 128, NT = 256;  // output tile, threads per team
+constexpr int BKF = 16, LDF = BM + 8;        // float scratch: k step, row pitch (floats)
+constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM
+constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
+
+// 16 bytes of operand data in registers.
+struct alignas(16) Vec16 {
+  unsigned u[4];
+};
+struct alignas(16) Float4 {
+  float v[4];
+};
+
+// Kernel labels name the arithmetic (Kokkos Tools show where time goes).
+inline std::string kernel_label(char const *op, Math m, char const *variant) {
+  return std::string(op) + (m == Math::bf16_mma ? "[bf16 mma" : m == Math::tf32_mma ? "[tf32 mma" : "[fma") + variant +
+         "]";
+}
+
+// Scratch bytes of a team (plus slack for the 128-byte alignment).
+template <Math M>
+KOKKOS_INLINE_FUNCTION constexpr std::size_t scratch_bytes(int bk, bool lo) {
+  // The ESMM epilogue stages 128 x 64 accumulators in the same scratch.
+  return (M == Math::bf16_mma ? std::size_t(2) * (BM * bk + BN * bk * (lo ? 2 : 1)) * 2
+                              : std::size_t(2) * 2 * BKF * LDF * sizeof(float)) > std::size_t(BM) * LDE * sizeof(float)
+             ? (M == Math::bf16_mma ? std::size_t(2) * (BM * bk + BN * bk * (lo ? 2 : 1)) * 2
+                                    : std::size_t(2) * 2 * BKF * LDF * sizeof(float)) +
+                   128
+             : std::size_t(BM) * LDE * sizeof(float) + 128;
+}
+
+// Swizzled element offsets of bf16 tiles: rows of 32 (4 chunks of 16 bytes) or
+// of 128 (16 chunks); the chunk index is XOR-ed with the row so that the eight
+// 16-byte rows of an ldmatrix hit distinct banks.
+KOKKOS_INLINE_FUNCTION int sw32(int r, int c) { return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3) + (c & 7); }
+KOKKOS_INLINE_FUNCTION int sw128(int r, int c) { return r * 128 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7); }
+
+// Rows and columns (within the tile) of a thread's 8 x 8 accumulators.
+// Tensor cores: warps as 2 (m) x 4 (n), each 64 x 32, m16n8 blocks; SIMT:
+// a 16 x 16 thread grid, each thread rows {4ty.., 64+4ty..}, columns likewise.
+template <Math M>
+KOKKOS_INLINE_FUNCTION int acc_row(int tid, int i) {
+  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma) {
+    return ((tid >> 5) >> 2) * 64 + (i >> 1) * 16 + ((tid & 31) >> 2) + (i & 1) * 8;
+  } else {
+    return (i < 4 ? 0 : 64) + (tid >> 4) * 4 + (i & 3);
+  }
+}
+template <Math M>
+KOKKOS_INLINE_FUNCTION int acc_col(int tid, int j) {
+  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma) {
+    return ((tid >> 5) & 3) * 32 + (j >> 1) * 8 + (tid & 3) * 2 + (j & 1);
+  } else {
+    return (j < 4 ? 0 : 64) + (tid & 15) * 4 + (j & 3);
+  }
+}
+
+// --- operand loads (any device) ---------------------------------------------
+
+// Eight bf16 (16 bytes) from p, of which `avail` are valid (zeros elsewhere).
+KOKKOS_INLINE_FUNCTION Vec16 load8(bfloat16 const *p, int avail, bool vec) {
+  Vec16 r{{0u, 0u, 0u, 0u}};
+  if (avail <= 0) return r;
+  if (vec && avail >= 8) return *reinterpret_cast<Vec16 const *>(p);
+  for (int j = 0; j < 8 && j < avail; ++j) r.u[j >> 1] |= static_cast<unsigned>(p[j].bits) << ((j & 1) * 16);
+  return r;
+}
+// Four values as float from p (16 bytes for float, 8 for bf16).
+KOKKOS_INLINE_FUNCTION Float4 load4(float const *p, int avail, bool vec) {
+  Float4 r{{0.f, 0.f, 0.f, 0.f}};
+  if (avail <= 0) return r;
+  if (vec && avail >= 4) return *reinterpret_cast<Float4 const *>(p);
+  for (int j = 0; j < 4 && j < avail; ++j) r.v[j] = p[j];
+  return r;
+}
+KOKKOS_INLINE_FUNCTION Float4 load4(bfloat16 const *p, int avail, bool vec) {
+  Float4 r{{0.f, 0.f, 0.f, 0.f}};
+  if (avail <= 0) return r;
+  if (vec && avail >= 4) {
+    struct alignas(8) U2 {
+      unsigned u[2];
+    } const w = *reinterpret_cast<U2 const *>(p);
+    for (int j = 0; j < 4; ++j) r.v[j] = bfloat16::to_float(static_cast<std::uint16_t>(w.u[j >> 1] >> ((j & 1) * 16)));
+    return r;
+  }
+  for (int j = 0; j < 4 && j < avail; ++j) r.v[j] = static_cast<float>(p[j]);
+  return r;
+}
+KOKKOS_INLINE_FUNCTION float bf16_at(Vec16 const &v, int j) {
+  return bfloat16::to_float(static_cast<std::uint16_t>(v.u[j >> 1] >> ((j & 1) * 16)));
+}
+// s * v as bf16 (hi) and the bf16 of the remainder (lo): hi + lo carries 16 bits.
+KOKKOS_INLINE_FUNCTION void scale_split(Vec16 const &v, float s, Vec16 &hi, Vec16 &lo) {
+  for (int q = 0; q < 4; ++q) {
+    unsigned h = 0, l = 0;
+    for (int j = 0; j < 2; ++j) {
+      float const x = s * bf16_at(v, 2 * q + j);
+      std::uint16_t const hb = bfloat16::from_float(x);
+      std::uint16_t const lb = bfloat16::from_float(x - bfloat16::to_float(hb));
+      h |= static_cast<unsigned>(hb) << (16 * j);
+      l |= static_cast<unsigned>(lb) << (16 * j);
+    }
+    hi.u[q] = h;
+    lo.u[q] = l;
+  }
+}
+
+// Whether rows of a 2-d (or the last two extents of a 3-d) view can be read
+// in vectors of `width` elements: aligned base, row pitch a multiple of width.
+template <class T>
+bool vector_ok(T const *data, std::size_t pitch, int width) {
+  return reinterpret_cast<std::uintptr_t>(data) % (std::size_t(width) * sizeof(T)) == 0 && pitch % width == 0;
+}
+
+// --- tensor-core primitives (CUDA device code; no-ops elsewhere) -------------
+
+KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+#else
+  return x;
+#endif
+}
+
+KOKKOS_INLINE_FUNCTION void ldsm_x4(unsigned (&r)[4], void const *p) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  unsigned const a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#else
+  (void)p;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+#endif
+}
+
+KOKKOS_INLINE_FUNCTION void ldsm_x4_t(unsigned (&r)[4], void const *p) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  unsigned const a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#else
+  (void)p;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+#endif
+}
+
+// d (16 x 8, float) += a (16 x 16 bf16, row) b (16 x 8 bf16, col).
+KOKKOS_INLINE_FUNCTION void mma_bf16(float &d0, float &d1, float &d2, float &d3, unsigned const (&a)[4], unsigned b0,
+                                     unsigned b1) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d0, (void)d1, (void)d2, (void)d3, (void)a, (void)b0, (void)b1;
+#endif
+}
+
+// d (16 x 8, float) += a (16 x 8 tf32, row) b (8 x 8 tf32, col).
+KOKKOS_INLINE_FUNCTION void mma_tf32(float &d0, float &d1, float &d2, float &d3, unsigned const (&a)[4], unsigned b0,
+                                     unsigned b1) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d0, (void)d1, (void)d2, (void)d3, (void)a, (void)b0, (void)b1;
+#endif
+}
+
+KOKKOS_INLINE_FUNCTION unsigned float_bits(float x) {
+  union {
+    float f;
+    unsigned u;
+  } v;
+  v.f = x;
+  return v.u;
+}
+
+// --- one staged k step of the 128 x 128 tile ---------------------------------
+
+// bf16 tensor cores. A is [BM][BK] (rows m, sw32; BK = 32) or, with A_KM,
+// [BK][BM] (rows k, sw128); B is [BK][BN] (rows k, sw128) or, with B_NK,
+// [BN][BK] (rows n, sw32; BK = 32). With lo, a second B (the low half of a
+// split operand) is multiplied by the same A fragments.
+template <int BK, bool A_KM, bool B_NK, bool LO>
+KOKKOS_INLINE_FUNCTION void mma_step_bf16(float (&acc)[8][8], bfloat16 const *sA, bfloat16 const *sB,
+                                          bfloat16 const *sBlo, int tid) {
+  int const lane = tid & 31, warp = tid >> 5;
+  int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+  for (int ks = 0; ks < BK; ks += 16) {
+    unsigned a[4][4];
+    for (int mi = 0; mi < 4; ++mi) {
+      int const mb = wm0 + mi * 16;
+      if constexpr (A_KM) {
+        ldsm_x4_t(a[mi], sA + sw128(ks + (lane & 7) + ((lane >> 4) << 3), mb + ((lane >> 3) & 1) * 8));
+      } else {
+        ldsm_x4(a[mi], sA + sw32(mb + (lane & 15), ks + (lane >> 4) * 8));
+      }
+    }
+    for (int part = 0; part < (LO ? 2 : 1); ++part) {
+      bfloat16 const *sb = part == 0 ? sB : sBlo;
+      unsigned b[4][2];
+      for (int nj = 0; nj < 4; nj += 2) {
+        int const nb = wn0 + nj * 8;
+        unsigned r[4];
+        if constexpr (B_NK) {
+          ldsm_x4(r, sb + sw32(nb + (lane & 7) + (lane >> 4) * 8, ks + ((lane >> 3) & 1) * 8));
+        } else {
+          ldsm_x4_t(r, sb + sw128(ks + (lane & 7) + ((lane >> 3) & 1) * 8, nb + (lane >> 4) * 8));
+        }
+        b[nj][0] = r[0];
+        b[nj][1] = r[1];
+        b[nj + 1][0] = r[2];
+        b[nj + 1][1] = r[3];
+      }
+      for (int mi = 0; mi < 4; ++mi)
+        for (int ni = 0; ni < 4; ++ni)
+          mma_bf16(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+                   a[mi], b[ni][0], b[ni][1]);
+    }
+  }
+}
+
+// Float scratch: A as [BKF][LDF] (rows k, columns m), B as [BKF][LDF] (rows k,
+// columns n). tf32 tensor cores (values already rounded to tf32) or FMA.
+template <Math M>
+KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float const *sB, int tid) {
+  if constexpr (M == Math::tf32_mma) {
+    int const lane = tid & 31, warp = tid >> 5;
+    int const g = lane >> 2, t = lane & 3;
+    int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+    for (int ks = 0; ks < BKF; ks += 8) {
+      unsigned a[4][4], b[4][2];
+      float const *r0 = sA + (ks + t) * LDF, *r1 = sA + (ks + t + 4) * LDF;
+      for (int mi = 0; mi < 4; ++mi) {
+        int const m = wm0 + mi * 16 + g;
+        a[mi][0] = float_bits(r0[m]);
+        a[mi][1] = float_bits(r0[m + 8]);
+        a[mi][2] = float_bits(r1[m]);
+        a[mi][3] = float_bits(r1[m + 8]);
+      }
+      float const *q0 = sB + (ks + t) * LDF, *q1 = sB + (ks + t + 4) * LDF;
+      for (int ni = 0; ni < 4; ++ni) {
+        int const n = wn0 + ni * 8 + g;
+        b[ni][0] = float_bits(q0[n]);
+        b[ni][1] = float_bits(q1[n]);
+      }
+      for (int mi = 0; mi < 4; ++mi)
+        for (int ni = 0; ni < 4; ++ni)
+          mma_tf32(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+                   a[mi], b[ni][0], b[ni][1]);
+    }
+  } else {
+    int const ty = tid >> 4, tx = tid & 15;
+    for (int kk = 0; kk < BKF; ++kk) {
+      Float4 const a0 = *reinterpret_cast<Float4 const *>(sA + kk * LDF + ty * 4);
+      Float4 const a1 = *reinterpret_cast<Float4 const *>(sA + kk * LDF + 64 + ty * 4);
+      Float4 const b0 = *reinterpret_cast<Float4 const *>(sB + kk * LDF + tx * 4);
+      Float4 const b1 = *reinterpret_cast<Float4 const *>(sB + kk * LDF + 64 + tx * 4);
+      float a[8], b[8];
+      for (int q = 0; q < 4; ++q) {
+        a[q] = a0.v[q];
+        a[4 + q] = a1.v[q];
+        b[q] = b0.v[q];
+        b[4 + q] = b1.v[q];
+      }
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+}
+
+// Store four loaded values into float scratch (rounded to tf32 when asked):
+// along a row (contiguous) or down a column (transposing).
+template <Math M>
+KOKKOS_INLINE_FUNCTION void put4_row(float *dst, Float4 v) {
+  if constexpr (M == Math::tf32_mma)
+    for (int j = 0; j < 4; ++j) v.v[j] = to_tf32(v.v[j]);
+  *reinterpret_cast<Float4 *>(dst) = v;
+}
+template <Math M>
+KOKKOS_INLINE_FUNCTION void put4_col(float *dst, Float4 const &v) {
+  for (int j = 0; j < 4; ++j) dst[j * LDF] = M == Math::tf32_mma ? to_tf32(v.v[j]) : v.v[j];
+}
+
+}  // namespace dev
 }  // namespace detail
 }  // namespace hexamoe
