@@ -132,7 +132,15 @@ std::map<std::string, std::vector<float>> read_all(std::string const &path) {
 }
 
 TEST(Trainer, RestartContinuesBitIdentically) {
-  std::vector<std::string> const common = {"train.max_steps=30", "checkpoint.keep=5"};
+  // The plan is pinned (mode and per-rank rates): "auto" measures the ranks at
+  // start-up, so two fresh runs may split the work differently. A restart
+  // reuses the plan stored in its checkpoint.
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  std::string rates = "parallel.rates=[";
+  for (int r = 0; r < n; ++r) rates += (r ? ", " : "") + std::string("1.0");
+  std::vector<std::string> const common = {"train.max_steps=30", "checkpoint.keep=5", "parallel.mode=\"data\"",
+                                           rates + "]"};
   // Uninterrupted run.
   std::string const da = out_dir("straight");
   app::TrainOptions quiet;
