@@ -1,10 +1,12 @@
 // MachineBenchmark.hpp: the short start-up micro-benchmarks the planner reads
 // (DESIGN.md section 3): each rank's compute rate R_i, timed on a small MoE
-// layer forward + backward (through the rank's simulated slowdown, so the
-// planner sees it; ranks take turns), and the group's collective bandwidth
-// and latency, timed on MPI_Allgather. All ranks of the job end with the same numbers: rates are
-// gathered over the group and the minimum over the replicas of each group
-// rank is kept; bandwidth is the job's minimum, latency its maximum.
+// layer forward + backward (ranks take turns; a rank's simulated slowdown
+// multiplies its time, as a device that much slower would; timing the idle
+// wait itself would only add the machine's wake-up latency), and the group's
+// collective bandwidth and latency, timed on MPI_Allgather. All ranks of the
+// job end with the same numbers: rates are gathered over the group and the
+// minimum over the replicas of each group rank is kept; bandwidth is the
+// job's minimum, latency its maximum.
 //
 // Rates that differ by less than the measurement noise (max/min below
 // noise_ratio) are replaced by their median, so a homogeneous machine gets
@@ -78,12 +80,10 @@ double measure_rate(ExecutionSpace const &space, MPI_Comm comm, SimulatedSlowdow
       if (turn != me) continue;
       space.fence();
       auto const t0 = std::chrono::steady_clock::now();
-      slowdown.begin(space);
       layer.forward(space, x, y);
       layer.backward(space, y, dx);
-      slowdown.end(space);
       space.fence();
-      double const t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double const t = slowdown.factor() * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (r > 0) best = std::min(best, t);
     }
   }

@@ -3,8 +3,8 @@
 // last s times as long: it times the phase and then stays idle for (s - 1)
 // times that. Idling rather than repeating the compute keeps the simulation
 // honest when ranks share cores: a repeated compute would also slow the
-// "fast" ranks it competes with. The planner's start-up benchmark goes
-// through the same path, so it sees the slowdown as a lower rate.
+// "fast" ranks it competes with. The planner's start-up benchmark multiplies
+// the rank's measured time by s, so it sees the slowdown as a lower rate.
 #pragma once
 
 #include <Kokkos_Core.hpp>
