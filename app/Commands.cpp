@@ -4,6 +4,7 @@
 #include "app/Collective.hpp"
 #include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
+#include "bench/StackBench.hpp"
 #include "io/Deck.hpp"
 #include "io/InputError.hpp"
 #include "parallel/MoeFactory.hpp"
@@ -56,6 +57,12 @@ int run(int argc, char **argv) {
   bench_cmd->add_option("--capacity-factor", bopt.capacity_factor, "Capacity factor of the padded baseline")
       ->check(CLI::PositiveNumber);
   bench_cmd->add_flag("--json", bopt.json, "JSON lines instead of a table");
+  std::string stack_deck;
+  std::vector<std::string> stack_overrides;
+  bench_cmd->add_option("--deck", stack_deck,
+                        "Instead of the layer shapes: the MoE layer stack of this deck in its planned parallel modes, "
+                        "on the job's ranks (per rank: times, bytes communicated, time blocked in MPI, peak memory)");
+  bench_cmd->add_option("--set", stack_overrides, "With --deck: override a deck key (section.key=value, repeatable)");
 
   std::string deck_path;
   std::vector<std::string> overrides;
@@ -120,6 +127,29 @@ int run(int argc, char **argv) {
       parallel::MoeFactory<Kokkos::DefaultExecutionSpace> moe(space, deck, MPI_COMM_WORLD, /*measure=*/true);
       if (world_rank() == 0) std::cout << parallel::format_plan(moe.plan(), "hexamoe plan " + deck_path);
       return 0;
+    }
+    if (*bench_cmd && !stack_deck.empty()) {
+      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(stack_deck, stack_overrides); });
+      int n = 1;
+      MPI_Comm_size(MPI_COMM_WORLD, &n);
+      collectively(MPI_COMM_WORLD, [&] {
+        check_parallel(deck, n);
+        if (deck.train.batch_size < n)
+          throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(deck.train.batch_size) +
+                                                               " is smaller than the " + std::to_string(n) +
+                                                               " ranks (each needs a sample)");
+        if (deck.moe.dtype != MoeSection::Dtype::float32)
+          throw InputError(deck.where("moe.dtype"),
+                           "hexamoe bench --deck runs float32 expert layers (bfloat16 experts have no data- or "
+                           "model-centric mode); set moe.dtype = \"float32\"");
+        return 0;
+      });
+      bench::StackOptions sopt;
+      sopt.reps = bopt.reps;
+      sopt.warmup = bopt.warmup;
+      sopt.json = bopt.json;
+      std::ostringstream sink;
+      return bench::run_stack_bench(deck, sopt, MPI_COMM_WORLD, world_rank() == 0 ? std::cout : sink);
     }
     if (*bench_cmd) {
       std::ostringstream sink;

@@ -1,7 +1,11 @@
 // main.cpp: the hexamoe driver. Initialises MPI then Kokkos (Kokkos and MPI
 // flags pass through: --kokkos-* options are taken by Kokkos), parses the
 // command line with CLI11 and runs one subcommand:
+//   hexamoe train DECK          train the model a deck describes (checkpoints, restarts)
+//   hexamoe check DECK          validate a deck and print it fully resolved
+//   hexamoe plan DECK           print the MoE parallel plan on this job's ranks
 //   hexamoe bench [...]         time the MoE layer on the Swin-MoE shapes
+//   hexamoe bench --deck DECK   time a deck's MoE layer stack in its parallel modes
 // Errors in the input give one clear message and exit status 2 on every rank.
 #include "app/Commands.hpp"
 

@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 namespace hexamoe {
 
@@ -33,14 +34,12 @@ class MemoryTracker {
     std::lock_guard<std::mutex> lock(s.mutex);
     for (auto &kv : s.spaces) kv.second.peak = kv.second.current;
   }
-  // Bytes currently held by allocations whose label starts with prefix.
-  static std::int64_t current_with_prefix(std::string const &prefix) {
-    auto &s = state();
-    std::lock_guard<std::mutex> lock(s.mutex);
-    std::int64_t total = 0;
-    for (auto const &kv : s.labels)
-      if (kv.first.compare(0, prefix.size(), prefix) == 0) total += kv.second;
-    return total;
+  // Bytes currently held by allocations whose label starts with prefix, in
+  // every space, or only in the named space (a device build also keeps host
+  // mirrors of some device views under the same labels).
+  static std::int64_t current_with_prefix(std::string const &prefix) { return with_prefix(prefix, nullptr); }
+  static std::int64_t current_with_prefix(std::string const &prefix, std::string const &space) {
+    return with_prefix(prefix, &space);
   }
   // The memory space name Kokkos reports for a space type.
   template <class MemorySpace>
@@ -56,8 +55,17 @@ class MemoryTracker {
     std::mutex mutex;
     bool installed = false;
     std::map<std::string, Counter> spaces;
-    std::map<std::string, std::int64_t> labels;
+    std::map<std::pair<std::string, std::string>, std::int64_t> labels;  // (space, label) -> bytes
   };
+  static std::int64_t with_prefix(std::string const &prefix, std::string const *space) {
+    auto &s = state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    std::int64_t total = 0;
+    for (auto const &kv : s.labels)
+      if ((!space || kv.first.first == *space) && kv.first.second.compare(0, prefix.size(), prefix) == 0)
+        total += kv.second;
+    return total;
+  }
   static State &state() {
     static State s;
     return s;
@@ -74,13 +82,13 @@ class MemoryTracker {
     auto &c = s.spaces[handle.name];
     c.current += static_cast<std::int64_t>(size);
     if (c.current > c.peak) c.peak = c.current;
-    s.labels[label] += static_cast<std::int64_t>(size);
+    s.labels[{handle.name, label}] += static_cast<std::int64_t>(size);
   }
   static void on_deallocate(Kokkos::Tools::SpaceHandle handle, char const *label, void const *, std::uint64_t size) {
     auto &s = state();
     std::lock_guard<std::mutex> lock(s.mutex);
     s.spaces[handle.name].current -= static_cast<std::int64_t>(size);
-    s.labels[label] -= static_cast<std::int64_t>(size);
+    s.labels[{handle.name, label}] -= static_cast<std::int64_t>(size);
   }
 };
 

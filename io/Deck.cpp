@@ -147,6 +147,7 @@ void visit_deck(D &d, V &v) {
   v.key("rates", d.parallel.rates);
   v.key("slowdown", d.parallel.slowdown);
   v.key("group_size", d.parallel.group_size);
+  v.key("overlap", d.parallel.overlap);
 
   v.section("train");
   v.key("epochs", d.train.epochs);
@@ -889,7 +890,7 @@ bool operator==(Deck const &a, Deck const &b) {
                     s.capacity_factor, s.dtype);
   };
   auto parallel = [](ParallelSection const &s) {
-    return std::tie(s.mode, s.proportions, s.rates, s.slowdown, s.group_size);
+    return std::tie(s.mode, s.proportions, s.rates, s.slowdown, s.group_size, s.overlap);
   };
   auto train = [](TrainSection const &s) {
     return std::tie(s.epochs, s.max_steps, s.batch_size, s.lr, s.min_lr, s.schedule, s.weight_decay, s.beta1,

@@ -74,6 +74,7 @@ struct ParallelSection {
   std::vector<double> rates;        // per rank relative speed, > 0; empty = equal
   std::vector<double> slowdown;     // per rank simulated compute slowdown, >= 1; empty = none
   int group_size = 0;               // ranks per MoE group; 0 = all ranks
+  bool overlap = true;              // data-centric: gather the next layer's weights during this layer
 };
 
 struct TrainSection {

@@ -23,6 +23,7 @@
 
 #include "core/MoeLayer.hpp"
 #include "core/model/MoeFfn.hpp"
+#include "parallel/CommStats.hpp"
 #include "parallel/ExpertSlice.hpp"
 #include "parallel/MoeGroup.hpp"
 #include "parallel/MpiView.hpp"
@@ -109,10 +110,16 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
     if (group_->num_replicas() > 1)
       for (auto &p : parameters("")) {
         if (!p.sharded()) continue;
-        auto h = host_mirror(p.grad);
+        auto &c = comm_stats()[CommKind::replica_reduce];
+        CommTimer timer(c.blocked_seconds);
+        auto h = staging(p.grad, 0);
         to_host(h, p.grad);
         MPI_Allreduce(MPI_IN_PLACE, h.data(), static_cast<int>(h.extent(0)), MPI_FLOAT, MPI_SUM, group_->replicas());
         from_host(p.grad, h);
+        double const b = double(h.extent(0)) * sizeof(float) * (group_->num_replicas() - 1);
+        c.calls += 1;
+        c.bytes_sent += b;
+        c.bytes_received += b;
       }
   }
 
@@ -158,7 +165,14 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
   void count_tokens() {
     int const n = group_->size();
     counts_.assign(std::size_t(n), 0);
-    MPI_Allgather(&tokens_, 1, MPI_INT, counts_.data(), 1, MPI_INT, group_->comm());
+    auto &c = comm_stats()[CommKind::token_gather];
+    {
+      CommTimer timer(c.blocked_seconds);
+      MPI_Allgather(&tokens_, 1, MPI_INT, counts_.data(), 1, MPI_INT, group_->comm());
+    }
+    c.calls += 1;
+    c.bytes_sent += double(sizeof(int)) * (n - 1);
+    c.bytes_received += double(sizeof(int)) * (n - 1);
     offsets_.assign(std::size_t(n), 0);
     for (int r = 1; r < n; ++r) offsets_[r] = offsets_[r - 1] + counts_[r - 1];
     total_ = offsets_[n - 1] + counts_[n - 1];
@@ -190,10 +204,16 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
     int const n = group_->size();
     std::vector<int> cnt(static_cast<std::size_t>(n)), dsp(static_cast<std::size_t>(n));
     for (int r = 0; r < n; ++r) cnt[r] = counts_[r] * width, dsp[r] = offsets_[r] * width;
-    auto h = host_mirror(v);
+    auto &c = comm_stats()[CommKind::token_gather];
+    CommTimer timer(c.blocked_seconds);
+    auto h = staging(v, 0);
     to_host(h, v);
     MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, h.data(), cnt.data(), dsp.data(), mpi_type<T>(), group_->comm());
     from_host(v, h);
+    double const mine = double(cnt[group_->rank()]) * sizeof(T), all = double(total_) * width * sizeof(T);
+    c.calls += 1;
+    c.bytes_sent += mine * (n - 1);
+    c.bytes_received += all - mine;
   }
 
   // Sum the ranks' partial values and give each owner its rows.
@@ -202,11 +222,36 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
     int const n = group_->size();
     std::vector<int> cnt(static_cast<std::size_t>(n));
     for (int r = 0; r < n; ++r) cnt[r] = counts_[r] * width;
-    auto hs = host_mirror(src);
-    auto hd = host_mirror(dst);
+    auto &c = comm_stats()[CommKind::partial_reduce];
+    CommTimer timer(c.blocked_seconds);
+    auto hs = staging(src, 0);
+    auto hd = staging(dst, 1);
     to_host(hs, src);
     MPI_Reduce_scatter(hs.data(), hd.data(), cnt.data(), MPI_FLOAT, MPI_SUM, group_->comm());
     from_host(dst, hd);
+    double const mine = double(cnt[group_->rank()]) * sizeof(float), all = double(total_) * width * sizeof(float);
+    c.calls += 1;
+    c.bytes_sent += all - mine;
+    c.bytes_received += mine * (n - 1);
+  }
+
+  // The host view MPI uses for v: v itself when the host can access it, else
+  // a view of the same shape over host staging buffer `slot` (kept from call
+  // to call, grown as needed, so that steps allocate nothing).
+  template <class View>
+  auto staging(View const &v, int slot) {
+    if constexpr (host_accessible<typename View::memory_space>) {
+      return v;
+    } else {
+      using T = typename View::non_const_value_type;
+      std::size_t const bytes = v.span() * sizeof(T);
+      auto &buf = stage_[slot];
+      if (buf.extent(0) < bytes)
+        buf = Kokkos::View<char *, Kokkos::HostSpace>(
+            Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::model_centric.host_stage"), bytes);
+      return Kokkos::View<typename View::non_const_data_type, typename View::array_layout, Kokkos::HostSpace,
+                          Kokkos::MemoryTraits<Kokkos::Unmanaged>>(reinterpret_cast<T *>(buf.data()), v.layout());
+    }
   }
 
   MoeLayer<float, ExecutionSpace> layer_;
@@ -219,6 +264,7 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
   matrix x_all_, dy_all_, part_;
   index_view idx_all_;
   gate_view gate_all_, dg_zero_, dg_mine_;
+  Kokkos::View<char *, Kokkos::HostSpace> stage_[2];
 };
 
 }  // namespace hexamoe::parallel

@@ -43,6 +43,7 @@ class MoeFactory {
       kept = plan_from_string(pinned, deck, group_->size(), n);
     plan_ = kept ? *kept : plan_for_deck(space, deck, *group_, rank, n, measure);
     slowdown_ = SimulatedSlowdown(slowdown_of(deck, rank));
+    overlap_ = p.overlap;
   }
 
   Plan const &plan() const { return plan_; }
@@ -54,7 +55,8 @@ class MoeFactory {
     auto group = group_;
     auto plan = std::make_shared<Plan const>(plan_);
     auto slowdown = slowdown_;
-    return [cache, group, plan, slowdown](MoeLayerConfig const &cfg,
+    bool const overlap = overlap_;
+    return [cache, group, plan, slowdown, overlap](MoeLayerConfig const &cfg,
                                           int block) -> std::unique_ptr<MoeFfn<ExecutionSpace>> {
       LayerPlan const *lp = plan->for_block(block);
       if (!lp)
@@ -66,7 +68,7 @@ class MoeFactory {
         case MoeMode::local:
           return std::make_unique<LocalMoeFfn<ExecutionSpace>>(cfg);
         case MoeMode::data:
-          if (!*cache) *cache = std::make_shared<PipelineSharedCache<memory_space>>(group);
+          if (!*cache) *cache = std::make_shared<PipelineSharedCache<memory_space>>(group, overlap);
           return std::make_unique<DataCentricMoe<ExecutionSpace>>(cfg, lp->slice, *cache, slowdown);
         case MoeMode::model:
           return std::make_unique<ModelCentricMoe<ExecutionSpace>>(cfg, lp->slice, group, slowdown);
@@ -79,6 +81,7 @@ class MoeFactory {
   std::shared_ptr<MoeGroup> group_;
   Plan plan_;
   SimulatedSlowdown slowdown_;
+  bool overlap_ = true;
 };
 
 }  // namespace hexamoe::parallel

@@ -30,6 +30,12 @@
 //
 // Layers register in forward order. A forward of the first layer starts a new
 // pass: the slots are invalidated (the optimizer changed the slices).
+//
+// With overlap = false (the deck's parallel.overlap) nothing is issued ahead:
+// each layer's gather starts when the layer acquires its weights, and each
+// gradient reduction is waited for as soon as it is issued. The step time
+// against overlap = true measures what the pipelining hides. Traffic and
+// blocked time go to comm_stats() (parallel/CommStats.hpp).
 #pragma once
 
 #include <mpi.h>
@@ -43,6 +49,7 @@
 #include <vector>
 
 #include "core/Parameter.hpp"
+#include "parallel/CommStats.hpp"
 #include "parallel/ExpertSlice.hpp"
 #include "parallel/MoeGroup.hpp"
 #include "parallel/MpiView.hpp"
@@ -64,7 +71,8 @@ class PipelineSharedCache {
     Tensor3<float, memory_space> w2;  // [E, H, d]
   };
 
-  explicit PipelineSharedCache(std::shared_ptr<MoeGroup const> group) : group_(std::move(group)) {}
+  explicit PipelineSharedCache(std::shared_ptr<MoeGroup const> group, bool overlap = true)
+      : group_(std::move(group)), overlap_(overlap) {}
   ~PipelineSharedCache() {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -80,6 +88,7 @@ class PipelineSharedCache {
   PipelineSharedCache &operator=(PipelineSharedCache const &) = delete;
 
   MoeGroup const &group() const { return *group_; }
+  bool overlap() const { return overlap_; }
 
   // Floats of a rank's slice: [W1 (E, d, H_i) | b1 (E, H_i) | W2 (E, H_i, d)].
   static std::size_t slice_size(int E, int d, int h) {
@@ -172,7 +181,7 @@ class PipelineSharedCache {
     complete_gather(s);
     slots_[s].used = ++clock_;
     int const next = pass == Pass::forward ? id + 1 : id - 1;
-    if (next >= 0 && next < num_layers() && holding(next) < 0) {
+    if (overlap_ && next >= 0 && next < num_layers() && holding(next) < 0) {
       int const o = 1 - s;
       complete_gather(o);
       start_gather(o, next);
@@ -197,22 +206,44 @@ class PipelineSharedCache {
     Layer &L = layers_[id];
     pack(space, L);
     space.fence();
-    to_host(reduce_host_, reduce_);
-    MPI_Ireduce_scatter(reduce_host_.data(), L.grads_host.data(), L.reduce_counts.data(), MPI_FLOAT, MPI_SUM,
-                        group_->comm(), &reduce_request_);
+    {
+      auto &c = comm_stats()[CommKind::gradient_reduce];
+      CommTimer timer(c.issue_seconds);
+      to_host(reduce_host_, reduce_);
+      MPI_Ireduce_scatter(reduce_host_.data(), L.grads_host.data(), L.reduce_counts.data(), MPI_FLOAT, MPI_SUM,
+                          group_->comm(), &reduce_request_);
+      double const all = double(layer_floats(L)) * sizeof(float), mine = double(L.grads_host.extent(0)) * sizeof(float);
+      c.calls += 1;
+      c.bytes_sent += all - mine;
+      c.bytes_received += mine * (group_->size() - 1);
+    }
     reduce_pending_ = id;
+    if (!overlap_) finish_reduction();
   }
 
   // Wait for the pending gradient reduction (slice gradients final after this).
   void finish_reduction() {
     if (reduce_pending_ < 0) return;
     Layer &L = layers_[reduce_pending_];
-    MPI_Wait(&reduce_request_, MPI_STATUS_IGNORE);
+    {
+      CommTimer timer(comm_stats()[CommKind::gradient_reduce].blocked_seconds);
+      MPI_Wait(&reduce_request_, MPI_STATUS_IGNORE);
+    }
     reduce_pending_ = -1;
-    if (group_->num_replicas() > 1)
+    if (group_->num_replicas() > 1) {
+      auto &c = comm_stats()[CommKind::replica_reduce];
+      CommTimer timer(c.blocked_seconds);
       MPI_Allreduce(MPI_IN_PLACE, L.grads_host.data(), static_cast<int>(L.grads_host.extent(0)), MPI_FLOAT, MPI_SUM,
                     group_->replicas());
-    from_host(L.grads, L.grads_host);
+      double const b = double(L.grads_host.extent(0)) * sizeof(float) * (group_->num_replicas() - 1);
+      c.calls += 1;
+      c.bytes_sent += b;
+      c.bytes_received += b;
+    }
+    {
+      CommTimer timer(comm_stats()[CommKind::gradient_reduce].blocked_seconds);
+      from_host(L.grads, L.grads_host);
+    }
   }
 
   // Let pending collectives advance (MPI progresses them only inside calls).
@@ -296,9 +327,15 @@ class PipelineSharedCache {
     Layer &L = layers_[id];
     Slot &S = slots_[s];
     Kokkos::fence();  // no kernel may still read the slot, and the slice values are final
+    auto &c = comm_stats()[CommKind::weight_gather];
+    CommTimer timer(c.issue_seconds);
     to_host(L.values_host, L.values);
     MPI_Ialltoallw(L.values_host.data(), L.send_counts.data(), L.displs.data(), L.send_types.data(), S.host.data(),
                    L.recv_counts.data(), L.displs.data(), L.recv_types.data(), group_->comm(), &S.request);
+    double const all = double(layer_floats(L)) * sizeof(float), mine = double(L.values_host.extent(0)) * sizeof(float);
+    c.calls += 1;
+    c.bytes_sent += mine * (group_->size() - 1);
+    c.bytes_received += all - mine;
     S.layer = id;
     S.pending = true;
   }
@@ -306,6 +343,7 @@ class PipelineSharedCache {
   void complete_gather(int s) {
     Slot &S = slots_[s];
     if (!S.pending) return;
+    CommTimer timer(comm_stats()[CommKind::weight_gather].blocked_seconds);
     MPI_Wait(&S.request, MPI_STATUS_IGNORE);
     S.pending = false;
     auto const n = layer_floats(layers_[S.layer]);
@@ -359,6 +397,7 @@ class PipelineSharedCache {
   int reduce_pending_ = -1;
   std::size_t slot_floats_ = 0;
   long clock_ = 0;
+  bool overlap_ = true;
 };
 
 }  // namespace hexamoe::parallel

@@ -116,6 +116,7 @@ BadDeck const bad_decks[] = {
     {"rates_zero", "[parallel]\nrates = [1.0, 0.0]\n", 2, "parallel.rates", "parallel.rates[1] = 0.0 must be > 0"},
     {"slowdown_below_one", "[parallel]\nslowdown = [1.0, 0.5]\n", 2, "parallel.slowdown", "must be >= 1"},
     {"negative_group", "[parallel]\ngroup_size = -2\n", 2, "parallel.group_size", "must be >= 0"},
+    {"overlap_not_bool", "[parallel]\noverlap = 1\n", 2, "parallel.overlap", "a boolean (true or false)"},
     {"activation_layer_not_moe", "[output]\nactivations_layers = [0]\nactivations_steps = [10]\n", 2,
      "output.activations_layers", "is not an MoE block; the MoE blocks are [1, 3]"},
     {"activation_steps_negative", "[output]\nactivations_layers = [1]\nactivations_steps = [-1]\n", 3,
@@ -282,6 +283,7 @@ proportions = [0.1, 0.2, 0.7]
 rates = []
 slowdown = [1.0, 2.5, 1.0]
 group_size = 3
+overlap = false
 
 [train]
 epochs = 7

@@ -282,13 +282,17 @@ TEST(Parallel, ModelCentricLayerMatchesSingleProcess) {
 
 // Two data-centric layers of different sizes share one cache for two steps;
 // between the steps every parameter is halved, as an optimizer would change
-// them: the second step must see the new weights.
-TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
+// them: the second step must see the new weights. With overlap on (gathers
+// issued a layer ahead) and off (each collective waited for at once) alike;
+// the traffic counters must show each layer's weights gathered once and its
+// gradient reduce-scattered once per step, with the volumes that follow from
+// the slices.
+void cache_across_layers_and_steps(bool overlap) {
   int const n = world_size(), me = world_rank();
   MoeLayerConfig const c0 = config(16, 24, 4, 1, Activation::gelu, false);
   MoeLayerConfig const c1 = config(16, 40, 3, 2, Activation::relu, false);
   auto group = std::make_shared<MoeGroup const>(MPI_COMM_WORLD, 0, proportions_for(1, n));
-  auto cache = std::make_shared<PipelineSharedCache<Mem>>(group);
+  auto cache = std::make_shared<PipelineSharedCache<Mem>>(group, overlap);
   auto l0 = make_layer(MoeMode::data, c0, group, group->slice(c0.hidden), cache);
   auto l1 = make_layer(MoeMode::data, c1, group, group->slice(c1.hidden), cache);
   Globals g0 = random_globals(c0, 3), g1 = random_globals(c1, 4);
@@ -301,7 +305,12 @@ TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
   HostVec const x0 = random_host(std::size_t(T) * 16, rng, 1), x1 = random_host(std::size_t(T) * 16, rng, 1);
   HostVec const d0 = random_host(std::size_t(T) * 16, rng, 1), d1 = random_host(std::size_t(T) * 16, rng, 1);
   Space space;
+  // Bytes of one rank's slice and of the whole layer (W1, b1, W2 in float32).
+  auto slice_bytes = [&](MoeLayerConfig const &c, int h) { return 4.0 * c.experts * (2.0 * c.dim + 1) * h; };
+  double const mine = slice_bytes(c0, group->slice(c0.hidden).count(me)) + slice_bytes(c1, group->slice(c1.hidden).count(me));
+  double const whole = slice_bytes(c0, c0.hidden) + slice_bytes(c1, c1.hidden);
   for (int step = 0; step < 2; ++step) {
+    comm_stats().reset();
     auto r0 = reference(c0, g0, x0, d0, T), r1 = reference(c1, g1, x1, d1, T);
     Matrix<float, Mem> y0("y0", Tm, 16), y1("y1", Tm, 16), dx0("dx0", Tm, 16), dx1("dx1", Tm, 16);
     l0->forward(space, matrix_from(x0, Tm, 16, row0), y0);
@@ -321,6 +330,14 @@ TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
         if (p.sharded())
           expect_close(tag + " grad " + p.name, to_host(p.grad),
                        block_of(ref->grads.at(key_of(p)), p.shape, p.offset, p.count), n == 1 ? 0 : 2e-6);
+    auto const &gather = comm_stats()[CommKind::weight_gather];
+    auto const &reduce = comm_stats()[CommKind::gradient_reduce];
+    EXPECT_EQ(gather.calls, 2) << tag << ": each layer's weights are gathered once a step";
+    EXPECT_EQ(reduce.calls, 2) << tag << ": each layer's gradient is reduce-scattered once a step";
+    EXPECT_EQ(gather.bytes_received, whole - mine) << tag;
+    EXPECT_EQ(gather.bytes_sent, mine * (n - 1)) << tag;
+    EXPECT_EQ(reduce.bytes_sent, whole - mine) << tag;
+    EXPECT_EQ(reduce.bytes_received, mine * (n - 1)) << tag;
     // "Optimizer step": halve every parameter, in the layers and the globals.
     for (auto [layer, glob] : {std::pair{l0.get(), &g0}, std::pair{l1.get(), &g1}}) {
       for (auto &kv : *glob)
@@ -330,28 +347,37 @@ TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) {
   }
 }
 
+TEST(Parallel, PipelineSharedCacheAcrossLayersAndSteps) { cache_across_layers_and_steps(true); }
+TEST(Parallel, PipelineSharedCacheWithoutOverlap) { cache_across_layers_and_steps(false); }
+
 // Bytes of expert weights (and their gradients) a rank holds for a model of
 // `layers` MoE layers in data-centric mode, from the allocation counters.
 struct ExpertBytes {
   std::int64_t slices = 0, cache = 0, whole = 0;
 };
+// Bytes held in the layers' memory space under a label prefix (on a device
+// backend the host mirrors MPI uses carry the same labels in host memory).
+std::int64_t bytes(std::string const &prefix) {
+  return MemoryTracker::current_with_prefix(prefix, MemoryTracker::name_of<Mem>());
+}
+
 ExpertBytes data_centric_bytes(MoeLayerConfig const &c, int layers) {
   auto group = std::make_shared<MoeGroup const>(MPI_COMM_WORLD, 0, std::vector<double>{});
   auto cache = std::make_shared<PipelineSharedCache<Mem>>(group);
-  std::int64_t const s0 = MemoryTracker::current_with_prefix("hexamoe::moe.slice");
-  std::int64_t const c0 = MemoryTracker::current_with_prefix("hexamoe::cache.");
+  std::int64_t const s0 = bytes("hexamoe::moe.slice");
+  std::int64_t const c0 = bytes("hexamoe::cache.");
   std::int64_t const w0 =
-      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
+      bytes("hexamoe::moe.w") + bytes("hexamoe::moe.b1");
   std::vector<std::unique_ptr<MoeFfn<Space>>> model;
   for (int l = 0; l < layers; ++l) model.push_back(make_layer(MoeMode::data, c, group, group->slice(c.hidden), cache));
   Matrix<float, Mem> x("x", 8, c.dim), y("y", 8, c.dim);
   Space space;
   for (auto &m : model) m->forward(space, x, y);  // the cache allocates on first use
   ExpertBytes b;
-  b.slices = MemoryTracker::current_with_prefix("hexamoe::moe.slice") - s0;
-  b.cache = MemoryTracker::current_with_prefix("hexamoe::cache.") - c0;
+  b.slices = bytes("hexamoe::moe.slice") - s0;
+  b.cache = bytes("hexamoe::cache.") - c0;
   b.whole =
-      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1") - w0;
+      bytes("hexamoe::moe.w") + bytes("hexamoe::moe.b1") - w0;
   return b;
 }
 
@@ -361,12 +387,12 @@ TEST(Parallel, DataCentricExpertMemoryFallsAsOneOverN) {
   MoeLayerConfig const c = config(32, 96, 4, 1, Activation::gelu, false);  // 96 divides by 1..4
   // What one process holds for one layer (MoeLayer: W1, b1, W2 and their gradients).
   std::int64_t const before =
-      MemoryTracker::current_with_prefix("hexamoe::moe.w") + MemoryTracker::current_with_prefix("hexamoe::moe.b1");
+      bytes("hexamoe::moe.w") + bytes("hexamoe::moe.b1");
   std::int64_t full = 0;
   {
     MoeLayer<float, Space> one(c);
-    full = MemoryTracker::current_with_prefix("hexamoe::moe.w") +
-           MemoryTracker::current_with_prefix("hexamoe::moe.b1") - before;
+    full = bytes("hexamoe::moe.w") +
+           bytes("hexamoe::moe.b1") - before;
   }
   ASSERT_EQ(full, std::int64_t(2 * 4 * c.experts * (2 * c.dim + 1) * c.hidden)) << "the counters do not see MoeLayer";
   for (int layers : {2, 5}) {
