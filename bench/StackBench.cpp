@@ -17,6 +17,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace hexamoe::bench {
@@ -45,6 +46,15 @@ void add(Space const &space, Matrix<float, Mem> c, Matrix<float const, Mem> a, M
       KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
 }
 
+// The GPU this rank runs on (-1 on host backends).
+int device_of(Space const &space) {
+#if defined(KOKKOS_ENABLE_CUDA)
+  if constexpr (std::is_same_v<Space, Kokkos::Cuda>) return space.cuda_device();
+#endif
+  (void)space;
+  return -1;
+}
+
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 double median(std::vector<double> v) {
@@ -61,8 +71,8 @@ std::string fmt(char const *f, double v) {
 // What one rank measured; gathered on rank 0 as doubles.
 struct RankResult {
   double batch, tokens, fwd_ms, fb_ms, sent_mib, recv_mib, blocked_ms, gather_blocked_ms, reduce_blocked_ms,
-      peak_mib, host_peak_mib;
-  static constexpr int fields = 11;
+      peak_mib, host_peak_mib, device;
+  static constexpr int fields = 12;
 };
 
 }  // namespace
@@ -171,7 +181,8 @@ int run_stack_bench(Deck const &deck, StackOptions const &opt, MPI_Comm comm, st
                        stats[CommKind::partial_reduce].blocked_seconds) /
                     reps,
                 double(MemoryTracker::peak(mem) - base) / MiB,
-                mem == host ? 0.0 : double(MemoryTracker::peak(host) - host_base) / MiB};
+                mem == host ? 0.0 : double(MemoryTracker::peak(host) - host_base) / MiB,
+                double(device_of(space))};
   std::vector<double> all(std::size_t(n) * RankResult::fields);
   MPI_Gather(&me, RankResult::fields, MPI_DOUBLE, all.data(), RankResult::fields, MPI_DOUBLE, 0, comm);
   if (rank != 0) return 0;
@@ -193,6 +204,7 @@ int run_stack_bench(Deck const &deck, StackOptions const &opt, MPI_Comm comm, st
           << ",\"recv_mib\":" << fmt("%.3f", v[5]) << ",\"blocked_ms\":" << fmt("%.3f", v[6])
           << ",\"gather_blocked_ms\":" << fmt("%.3f", v[7]) << ",\"reduce_blocked_ms\":" << fmt("%.3f", v[8])
           << ",\"peak_mib\":" << fmt("%.1f", v[9]) << ",\"host_peak_mib\":" << fmt("%.1f", v[10])
+          << ",\"device\":" << v[11]
           << ",\"reps\":" << opt.reps << "}\n";
     }
     out.flush();
@@ -216,7 +228,7 @@ int run_stack_bench(Deck const &deck, StackOptions const &opt, MPI_Comm comm, st
     std::snprintf(line, sizeof line, "%4d %6.0f %8.0f %9.3f %9.3f %9.2f %9.2f %10.3f %10.3f %10.3f %9.1f", r, v[0], v[1],
                   v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]);
     out << line;
-    if (mem != host) out << fmt("%10.1f", v[10]);
+    if (mem != host) out << fmt("%10.1f", v[10]) << "  (device " << v[11] << ")";
     out << "\n";
   }
   out << "step (slowest rank): forward " << fwd_ms << " ms, forward+backward " << step_ms << " ms\n";
