@@ -778,4 +778,29 @@ TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
   EXPECT_EQ(status, 0) << msg;
 }
 
+// hexamoe bench --deck: the deck's MoE stack runs in each mode on every rank
+// count (exit 0 everywhere); bad decks stop every rank with one message.
+TEST(Parallel, StackBenchRunsEachModeAndRefusesBadDecks) {
+  std::string const dir = fresh_dir("stack");
+  std::string const deck = dir + "/deck.toml";
+  if (world_rank() == 0) {
+    fs::create_directories(dir);
+    std::ofstream(deck) << train_deck_text;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (char const *mode : {"data", "model", "auto"})
+    for (char const *overlap : {"true", "false"}) {
+      auto [status, msg] = run_driver({"hexamoe", "bench", "--deck", deck, "--reps", "1", "--warmup", "0", "--json",
+                                       "--set", std::string("parallel.mode=") + mode, "--set",
+                                       std::string("parallel.overlap=") + overlap});
+      EXPECT_EQ(status, 0) << mode << " overlap " << overlap << ": " << msg;
+    }
+  expect_collective_error({"hexamoe", "bench", "--deck", deck, "--set", "moe.dtype=\"bfloat16\""}, "moe.dtype");
+  expect_collective_error({"hexamoe", "bench", "--deck", deck, "--set", "parallel.proportions=[0.5, 0.6]"},
+                          "must sum to 1");
+  std::vector<std::string> args = {"hexamoe", "bench", "--deck", deck};
+  if (world_rank() == world_size() - 1) args.insert(args.end(), {"--set", "moe.top_k=9"});
+  expect_collective_error(args, "moe.top_k");
+}
+
 }  // namespace
