@@ -40,5 +40,18 @@ class ScopedRegion {
   ScopedRegion &operator=(ScopedRegion const &) = delete;
 };
 
+// Page-locked host memory of the GPU backends, where host buffers that feed
+// device copies (MPI staging) live: HIPHostPinnedSpace moved out of
+// Kokkos::Experimental in 4.x; CudaHostPinnedSpace never moved.
+#if defined(KOKKOS_ENABLE_CUDA)
+using HostPinnedSpace = Kokkos::CudaHostPinnedSpace;
+#elif defined(KOKKOS_ENABLE_HIP) && KOKKOS_VERSION >= 40000
+using HostPinnedSpace = Kokkos::HIPHostPinnedSpace;
+#elif defined(KOKKOS_ENABLE_HIP)
+using HostPinnedSpace = Kokkos::Experimental::HIPHostPinnedSpace;
+#else
+using HostPinnedSpace = Kokkos::HostSpace;
+#endif
+
 }  // namespace compat
 }  // namespace hexamoe

@@ -69,7 +69,7 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
     slowdown_.begin(space);
     if (tokens_ > 0) layer_.forward(space, x, y);
     slowdown_.end(space);
-    cache_->progress();
+    cache_->drive();  // the next layer's gather travels while this layer's kernels run
   }
 
   void backward(ExecutionSpace const &space, Matrix<float const, memory_space> dy,
@@ -92,6 +92,7 @@ class DataCentricMoe final : public MoeFfn<ExecutionSpace> {
       Kokkos::deep_copy(space, layer_.router.bias_grad, 0.0f);
     }
     slowdown_.end(space);
+    cache_->drive();  // the previous reduction and the next gather travel while the kernels run
     cache_->reduce_gradients(space, id_);
     if (id_ == 0) cache_->finish_reduction();  // last in backward: slice gradients final
   }

@@ -247,9 +247,9 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
       std::size_t const bytes = v.span() * sizeof(T);
       auto &buf = stage_[slot];
       if (buf.extent(0) < bytes)
-        buf = Kokkos::View<char *, Kokkos::HostSpace>(
+        buf = Kokkos::View<char *, host_staging_space<memory_space>>(
             Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::model_centric.host_stage"), bytes);
-      return Kokkos::View<typename View::non_const_data_type, typename View::array_layout, Kokkos::HostSpace,
+      return Kokkos::View<typename View::non_const_data_type, typename View::array_layout, host_staging_space<memory_space>,
                           Kokkos::MemoryTraits<Kokkos::Unmanaged>>(reinterpret_cast<T *>(buf.data()), v.layout());
     }
   }
@@ -264,7 +264,7 @@ class ModelCentricMoe final : public MoeFfn<ExecutionSpace> {
   matrix x_all_, dy_all_, part_;
   index_view idx_all_;
   gate_view gate_all_, dg_zero_, dg_mine_;
-  Kokkos::View<char *, Kokkos::HostSpace> stage_[2];
+  Kokkos::View<char *, host_staging_space<memory_space>> stage_[2];
 };
 
 }  // namespace hexamoe::parallel

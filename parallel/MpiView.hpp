@@ -2,14 +2,18 @@
 // memory: a view the host can access is used in place (its "mirror" is the
 // view itself, and the copies below are no-ops apart from a fence, which MPI
 // needs anyway before it reads what a kernel wrote); a device view goes
-// through a host mirror.
+// through a host mirror in page-locked memory (compat::HostPinnedSpace on
+// CUDA and HIP), so that the staging copies run at the bus's speed.
 #pragma once
 
 #include <mpi.h>
 
 #include <Kokkos_Core.hpp>
 #include <cstdint>
+
+#include "core/Compat.hpp"
 #include <type_traits>
+#include <utility>
 
 namespace hexamoe::parallel {
 
@@ -28,15 +32,21 @@ MPI_Datatype mpi_type() {
     static_assert(!sizeof(U), "mpi_type: no MPI datatype for this type");
 }
 
-// The host view MPI uses for v (v itself when host-accessible).
-template <class View>
-auto host_mirror(View const &v) {
-  return Kokkos::create_mirror_view(Kokkos::HostSpace(), v);
-}
-
 // Whether host_mirror(v) is v (no copies needed).
 template <class MemorySpace>
 inline constexpr bool host_accessible = Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemorySpace>::accessible;
+
+// Where MPI's host copies of views in MemorySpace live.
+template <class MemorySpace>
+using host_staging_space = std::conditional_t<host_accessible<MemorySpace>, Kokkos::HostSpace, compat::HostPinnedSpace>;
+
+// The host view MPI uses for v (v itself when host-accessible).
+template <class View>
+auto host_mirror(View const &v) {
+  return Kokkos::create_mirror_view(host_staging_space<typename View::memory_space>(), v);
+}
+template <class View>
+using host_mirror_t = decltype(host_mirror(std::declval<View>()));
 
 // Make what kernels wrote into dev visible to MPI through host.
 template <class Host, class Dev>

@@ -246,8 +246,26 @@ class PipelineSharedCache {
     }
   }
 
-  // Let pending collectives advance (MPI progresses them only inside calls).
+  // Finish the MPI part of the pending collectives now (the copies to the
+  // device follow when a layer acquires the slot, or the reduction finishes).
+  // MPI progresses non-blocking collectives only inside its calls, so the
+  // layers call this right after launching their kernels: on a device
+  // backend the host then drives the transfers while the device computes.
   // A completed request becomes MPI_REQUEST_NULL, so the later wait is free.
+  void drive() {
+    if (!overlap_) return;  // nothing is pending then
+    for (auto &s : slots_)
+      if (s.pending && s.request != MPI_REQUEST_NULL) {
+        CommTimer timer(comm_stats()[CommKind::weight_gather].blocked_seconds);
+        MPI_Wait(&s.request, MPI_STATUS_IGNORE);
+      }
+    if (reduce_pending_ >= 0 && reduce_request_ != MPI_REQUEST_NULL) {
+      CommTimer timer(comm_stats()[CommKind::gradient_reduce].blocked_seconds);
+      MPI_Wait(&reduce_request_, MPI_STATUS_IGNORE);
+    }
+  }
+
+  // Let pending collectives advance without waiting for them.
   void progress() {
     int done = 0;
     for (auto &s : slots_)
@@ -269,7 +287,7 @@ class PipelineSharedCache {
     int E = 0, d = 0, H = 0;
     ExpertSlice slice;
     flat_view values, grads;
-    typename flat_view::HostMirror values_host, grads_host;
+    host_mirror_t<flat_view> values_host, grads_host;
     std::vector<int> send_counts, recv_counts, displs, reduce_counts;
     std::vector<MPI_Datatype> send_types, recv_types;
     Kokkos::View<int *, memory_space> owner, off, cnt;
@@ -279,7 +297,7 @@ class PipelineSharedCache {
  private:
   struct Slot {
     flat_view buf;
-    typename flat_view::HostMirror host;
+    host_mirror_t<flat_view> host;
     int layer = -1;
     bool pending = false;
     MPI_Request request = MPI_REQUEST_NULL;
@@ -392,7 +410,7 @@ class PipelineSharedCache {
   std::vector<Layer> layers_;
   Slot slots_[2];
   flat_view grad_, reduce_;
-  typename flat_view::HostMirror reduce_host_;
+  host_mirror_t<flat_view> reduce_host_;
   MPI_Request reduce_request_ = MPI_REQUEST_NULL;
   int reduce_pending_ = -1;
   std::size_t slot_floats_ = 0;
