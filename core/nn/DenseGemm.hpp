@@ -3,13 +3,18 @@
 //
 // Two paths behind one call:
 // - host execution spaces on HostSpace views, with Kokkos Kernels
-//   (HEXAMOE_ENABLE_KOKKOSKERNELS, link hexamoe::kokkoskernels): KokkosBlas::gemm
+//   (HEXAMOE_ENABLE_KOKKOSKERNELS, link hexamoe::kokkoskernels), for double,
+//   and for float where the tile kernel has no vectorised host micro-kernel
+//   (HEXAMOE_HOST_VECTORS, core/TileGemm.hpp): KokkosBlas::gemm
 //   on unmanaged LayoutLeft views of the transposed problem (row-major
 //   C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T), which reaches the
 //   BLAS library (sgemm/dgemm) when Kokkos Kernels was built with it;
-// - otherwise (devices, no Kokkos Kernels, K = 0): a Kokkos team tile kernel on
-//   the machinery of core/TileGemm.hpp, where each element of C is computed by
-//   one thread in a fixed order over K (deterministic).
+// - otherwise (devices, no Kokkos Kernels, K = 0, float on vectorised hosts):
+//   a Kokkos team tile kernel on the machinery of core/TileGemm.hpp, where each
+//   element of C is computed by one thread in a fixed order over K
+//   (deterministic). On the 2-core development host its float GEMMs on the
+//   model's shapes ran 1.4 to 4.5x faster on one core than OpenBLAS on two
+//   (docs/PERFORMANCE.md), so float takes it wherever it is vectorised.
 // With beta = 0, C is never read (it may hold NaN), as in BLAS.
 //
 // OpenBLAS picks its kernels from the CPU model at load time; where it does not
@@ -185,9 +190,13 @@ void dense_gemm(ExecutionSpace const &space, AView const &A, BView const &B, CVi
   [[maybe_unused]] auto const [M, N, K] = detail::check_gemm<ExecutionSpace>(A, B, C, trans_a, trans_b);
 #ifdef HEXAMOE_ENABLE_KOKKOSKERNELS
   using T = typename CView::non_const_value_type;
+#if defined(HEXAMOE_HOST_VECTORS)
+  constexpr bool blas_type = std::is_same_v<T, double>;
+#else
+  constexpr bool blas_type = std::is_same_v<T, float> || std::is_same_v<T, double>;
+#endif
   if constexpr (detail::on_host<ExecutionSpace> &&
-                std::is_same_v<typename CView::memory_space, Kokkos::HostSpace> &&
-                (std::is_same_v<T, float> || std::is_same_v<T, double>)) {
+                std::is_same_v<typename CView::memory_space, Kokkos::HostSpace> && blas_type) {
     if (M == 0 || N == 0) return;
     if (K > 0) {  // KokkosBlas::gemm returns early on K = 0 without scaling C
       compat::ScopedRegion region("hexamoe::dense_gemm");
