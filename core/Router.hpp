@@ -7,8 +7,16 @@
 //           to e, no gradient; P_e = mean_t p[t, e])
 //   L_z   = b * mean_t logsumexp(logits_t)^2   (router z-loss)
 // Backward turns dL/dg (from the experts) and both losses into dlogits, then
-// into dWr, dbr and the router's share of dx. Every reduction is written by one
-// thread in a fixed order (deterministic).
+// into dWr, dbr and the router's share of dx.
+//
+// Kernels are hierarchical (team threads x vector lanes; one thread and one
+// lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
+// a thread per token, vector-lane reductions over d (coalesced rows of x)
+// against a transposed copy of Wr (one lane: a GEMV row, SIMD over experts).
+// The per-expert statistics and [x 1]^T dlogits are two-stage reductions: per
+// token chunk into a partial buffer, then a fixed-order sum over chunks (hosts
+// use one chunk, so every sum runs in token order as a plain loop would).
+// No floating-point atomics: repeat runs are bit-identical.
 #pragma once
 
 #include "BFloat16.hpp"
@@ -16,6 +24,11 @@
 #include "Parameter.hpp"
 
 #include <Kokkos_Core.hpp>
+
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
 
 namespace hexamoe {
 
@@ -26,12 +39,82 @@ struct RouterOptions {
   double z_loss_weight = 0.0;
 };
 
+// Launch shape of the router kernels. The defaults suit the backend; tests set
+// GPU-like shapes on the host to cover the chunking and column blocking.
+struct RouterShape {
+  int team = 1;       // threads per team (one token per thread in the forward)
+  int vector = 1;     // vector lanes per thread
+  int chunk = 512;    // tokens per partial sum (statistics, weight gradient)
+  int columns = 256;  // weight-gradient columns of x (plus the bias column) per team
+};
+
+template <class ExecutionSpace>
+RouterShape default_router_shape() {
+  if constexpr (Kokkos::SpaceAccessibility<ExecutionSpace, Kokkos::HostSpace>::accessible) {
+    // One thread: one chunk (sums in token order, no partials to add up).
+    return RouterShape{1, 1, std::numeric_limits<int>::max(), 256};
+  } else {
+    return RouterShape{8, 32, 256, 32};  // 32 lanes: one warp (half a HIP wavefront) per thread
+  }
+}
+
+namespace detail {
+
+// Experts handled together by one vector reduction (registers per lane).
+inline constexpr int router_expert_block = 8;
+
+KOKKOS_INLINE_FUNCTION int router_padded_experts(int E) {
+  return (E + router_expert_block - 1) / router_expert_block * router_expert_block;
+}
+
+inline int router_chunks(int tokens, int chunk) { return tokens > 0 ? 1 + (tokens - 1) / chunk : 0; }
+
+// A block of logits summed across vector lanes (default-constructed zero: the
+// identity of Kokkos's nested sum reductions).
+template <class Acc>
+struct RouterLogitBlock {
+  Acc v[router_expert_block];
+  KOKKOS_INLINE_FUNCTION RouterLogitBlock() {
+    for (int q = 0; q < router_expert_block; ++q) v[q] = Acc(0);
+  }
+  KOKKOS_INLINE_FUNCTION RouterLogitBlock &operator+=(RouterLogitBlock const &o) {
+    for (int q = 0; q < router_expert_block; ++q) v[q] += o.v[q];
+    return *this;
+  }
+};
+
+// Per-expert probability sums and assignment counts of a block of experts.
+template <class Acc>
+struct RouterStatBlock {
+  Acc p[router_expert_block];
+  int n[router_expert_block];
+  KOKKOS_INLINE_FUNCTION RouterStatBlock() {
+    for (int q = 0; q < router_expert_block; ++q) {
+      p[q] = Acc(0);
+      n[q] = 0;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION RouterStatBlock &operator+=(RouterStatBlock const &o) {
+    for (int q = 0; q < router_expert_block; ++q) {
+      p[q] += o.p[q];
+      n[q] += o.n[q];
+    }
+    return *this;
+  }
+};
+
+}  // namespace detail
+
 template <class T, class ExecutionSpace>
 class Router {
  public:
   using execution_space = ExecutionSpace;
   using memory_space = typename ExecutionSpace::memory_space;
   using Acc = accumulator_t<T>;
+  static constexpr bool host = Kokkos::SpaceAccessibility<ExecutionSpace, Kokkos::HostSpace>::accessible;
+  // Transposed weight Wt(e, i): contiguous along i on devices (lanes walk d),
+  // along e on hosts (a block of experts is one SIMD vector).
+  using weight_t_type = Kokkos::View<Acc **, std::conditional_t<host, Kokkos::LayoutLeft, Kokkos::LayoutRight>, memory_space>;
 
   Router() = default;
   Router(int dim, int experts, RouterOptions opt) : dim_(dim), experts_(experts), opt_(opt) {
@@ -41,11 +124,23 @@ class Router {
     bias_grad = Kokkos::View<Acc *, memory_space>("hexamoe::router.bias_grad", experts);
     losses_ = Kokkos::View<Acc *, memory_space>("hexamoe::router.losses", 2);
     stats_ = Matrix<Acc, memory_space>("hexamoe::router.stats", 2, experts);
+    // Zero-initialised: the padding rows (experts E..Epad) stay zero.
+    weight_t_ = weight_t_type("hexamoe::router.weight_t", detail::router_padded_experts(experts), dim);
   }
 
   int dim() const { return dim_; }
   int experts() const { return experts_; }
   RouterOptions const &options() const { return opt_; }
+
+  // Launch shape; a new one takes effect at the next forward (the results of
+  // the last forward are dropped).
+  RouterShape const &shape() const { return shape_; }
+  void set_shape(RouterShape s) {
+    if (s.team < 1 || s.vector < 1 || s.chunk < 1 || s.columns < 1)
+      throw std::invalid_argument("Router: shape needs team, vector, chunk and columns >= 1");
+    shape_ = s;
+    drop_results();
+  }
 
   Matrix<Acc, memory_space> weight;  // [d, E]
   Kokkos::View<Acc *, memory_space> bias;
@@ -65,69 +160,188 @@ class Router {
       throw std::invalid_argument("Router: x has " + std::to_string(x.extent(1)) + " columns, the router dimension is " +
                                   std::to_string(d));
     ensure(space, T_);
+    constexpr int EB = detail::router_expert_block;
+    int const Ep = detail::router_padded_experts(E);
+    int const ts = shape_.team, vl = shape_.vector, cs = shape_.chunk;
+    int const nch = detail::router_chunks(T_, cs);
+    using policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename policy::member_type;
+    using Logits = detail::RouterLogitBlock<Acc>;
+    using Stats = detail::RouterStatBlock<Acc>;
+
+    // Wt(e, i) = W(i, e) (rows past E stay zero).
     auto W = weight;
+    auto Wt = weight_t_;
+    Kokkos::parallel_for(
+        "hexamoe::router_weight_t", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * d), KOKKOS_LAMBDA(int j) {
+          int const e = j / d, i = j % d;
+          Wt(e, i) = W(i, e);
+        });
+
+    // One token per team thread: logits (with vector lanes, blocks of EB experts,
+    // each block one vector reduction over d; with one lane, a GEMV row), then
+    // softmax, top-k and gates in one lane.
     auto b = bias;
     auto P = probs;
     auto L = lse;
     auto I = idx;
     auto G = gate;
     bool const renorm = opt_.renormalize;
-    Kokkos::parallel_for(
-        "hexamoe::router_forward", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_), KOKKOS_LAMBDA(int t) {
-          for (int e = 0; e < E; ++e) P(t, e) = b(e);
-          for (int i = 0; i < d; ++i) {
-            Acc const xi = to_acc<Acc>(x(t, i));
-            for (int e = 0; e < E; ++e) P(t, e) += xi * W(i, e);
-          }
-          Acc mx = P(t, 0);
-          for (int e = 1; e < E; ++e) mx = P(t, e) > mx ? P(t, e) : mx;
-          Acc sum = 0;
-          for (int e = 0; e < E; ++e) {
-            Acc const v = compat::exp(P(t, e) - mx);
-            P(t, e) = v;
-            sum += v;
-          }
-          L(t) = mx + compat::log(sum);
-          for (int e = 0; e < E; ++e) P(t, e) /= sum;
-          // Top-k by repeated selection: largest first, ties to the lower expert.
-          Acc z = 0;
-          for (int j = 0; j < k; ++j) {
-            int best = -1;
-            for (int e = 0; e < E; ++e) {
-              bool taken = false;
-              for (int m = 0; m < j; ++m) taken = taken || I(t, m) == e;
-              if (!taken && (best < 0 || P(t, e) > P(t, best))) best = e;
-            }
-            I(t, j) = best;
-            G(t * k + j) = P(t, best);
-            z += P(t, best);
-          }
-          if (renorm)
-            for (int j = 0; j < k; ++j) G(t * k + j) /= z;
-        });
-    // Per-expert statistics for the auxiliary loss: f_e and P_e.
+    if (T_ > 0)
+      Kokkos::parallel_for(
+          "hexamoe::router_forward", policy(space, (T_ + ts - 1) / ts, ts, vl), KOKKOS_LAMBDA(member const &team) {
+            int const t0 = team.league_rank() * ts, t1 = t0 + ts < T_ ? t0 + ts : T_;
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, t0, t1), [&](int t) {
+              if (vl == 1) {
+                // One lane (hosts): the logits row as a GEMV, SIMD over the experts
+                // (Wt is contiguous along e there); sums in the order of i.
+                for (int e = 0; e < E; ++e) P(t, e) = b(e);
+                for (int i = 0; i < d; ++i) {
+                  Acc const xi = to_acc<Acc>(x(t, i));
+                  for (int e = 0; e < E; ++e) P(t, e) += xi * Wt(e, i);
+                }
+              } else {
+                // Lanes along d (coalesced rows of x), EB experts per reduction.
+                for (int e0 = 0; e0 < E; e0 += EB) {
+                  Logits lg;
+                  Kokkos::parallel_reduce(
+                      Kokkos::ThreadVectorRange(team, d),
+                      [&](int i, Logits &s) {
+                        Acc const xi = to_acc<Acc>(x(t, i));
+                        for (int q = 0; q < EB; ++q) s.v[q] += xi * Wt(e0 + q, i);
+                      },
+                      lg);
+                  Kokkos::single(Kokkos::PerThread(team), [&]() {
+                    for (int q = 0; q < EB; ++q)
+                      if (e0 + q < E) P(t, e0 + q) = lg.v[q] + b(e0 + q);
+                  });
+                }
+              }
+              Kokkos::single(Kokkos::PerThread(team), [&]() {
+                Acc mx = P(t, 0);
+                for (int e = 1; e < E; ++e) mx = P(t, e) > mx ? P(t, e) : mx;
+                Acc sum = 0;
+                for (int e = 0; e < E; ++e) {
+                  Acc const v = compat::exp(P(t, e) - mx);
+                  P(t, e) = v;
+                  sum += v;
+                }
+                L(t) = mx + compat::log(sum);
+                for (int e = 0; e < E; ++e) P(t, e) /= sum;
+                // Top-k by repeated selection: largest first, ties to the lower expert.
+                Acc z = 0;
+                for (int j = 0; j < k; ++j) {
+                  int best = -1;
+                  for (int e = 0; e < E; ++e) {
+                    bool taken = false;
+                    for (int m = 0; m < j; ++m) taken = taken || I(t, m) == e;
+                    if (!taken && (best < 0 || P(t, e) > P(t, best))) best = e;
+                  }
+                  I(t, j) = best;
+                  G(t * k + j) = P(t, best);
+                  z += P(t, best);
+                }
+                if (renorm)
+                  for (int j = 0; j < k; ++j) G(t * k + j) /= z;
+              });
+            });
+          });
+
+    // Statistics per token chunk: each team thread reduces a contiguous share
+    // of the chunk over its lanes, the team adds the shares in thread order.
+    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
+    auto sn = count_part_;  // [chunks, Ep]: assignments to e
+    if (T_ > 0) {
+      policy pol(space, nch, ts, vl);
+      std::size_t const acc_bytes = sizeof(Acc) * ts * (Ep + 1), int_bytes = sizeof(int) * ts * Ep;
+      pol.set_scratch_size(0, Kokkos::PerTeam(acc_bytes + int_bytes + 64));
+      Kokkos::parallel_for(
+          "hexamoe::router_stats", pol, KOKKOS_LAMBDA(member const &team) {
+            int const c = team.league_rank();
+            int const t0 = c * cs, t1 = t0 + cs < T_ ? t0 + cs : T_, share = (t1 - t0 + ts - 1) / ts;
+            Acc *ps = static_cast<Acc *>(team.team_shmem().get_shmem(acc_bytes));
+            int *ns = static_cast<int *>(team.team_shmem().get_shmem(int_bytes));
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
+              int const s0 = t0 + r * share < t1 ? t0 + r * share : t1, s1 = s0 + share < t1 ? s0 + share : t1;
+              for (int e0 = 0; e0 < Ep; e0 += EB) {
+                Stats a;
+                Kokkos::parallel_reduce(
+                    Kokkos::ThreadVectorRange(team, s0, s1),
+                    [&](int t, Stats &s) {
+                      for (int q = 0; q < EB; ++q)
+                        if (e0 + q < E) s.p[q] += P(t, e0 + q);
+                      for (int j = 0; j < k; ++j) {
+                        int const e = I(t, j);
+                        for (int q = 0; q < EB; ++q) s.n[q] += e == e0 + q ? 1 : 0;
+                      }
+                    },
+                    a);
+                Kokkos::single(Kokkos::PerThread(team), [&]() {
+                  for (int q = 0; q < EB; ++q) {
+                    ps[r * (Ep + 1) + e0 + q] = a.p[q];
+                    ns[r * Ep + e0 + q] = a.n[q];
+                  }
+                });
+              }
+              Acc z = 0;
+              Kokkos::parallel_reduce(
+                  Kokkos::ThreadVectorRange(team, s0, s1), [&](int t, Acc &s) { s += L(t) * L(t); }, z);
+              Kokkos::single(Kokkos::PerThread(team), [&]() { ps[r * (Ep + 1) + Ep] = z; });
+            });
+            team.team_barrier();
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, Ep + 1), [&](int e) {
+              Acc s = 0;
+              int n = 0;
+              for (int r = 0; r < ts; ++r) {
+                s += ps[r * (Ep + 1) + e];
+                if (e < Ep) n += ns[r * Ep + e];
+              }
+              sp(c, e) = s;
+              if (e < Ep) sn(c, e) = n;
+            });
+          });
+    }
+
+    // f_e, P_e and both losses: one team, each expert's chunk partials summed
+    // over vector lanes (fixed order), the aux sum over experts in one lane.
     auto st = stats_;
     auto ls = losses_;
     Acc const aw = static_cast<Acc>(opt_.aux_loss_weight), zw = static_cast<Acc>(opt_.z_loss_weight);
-    Kokkos::parallel_for(
-        "hexamoe::router_stats", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E), KOKKOS_LAMBDA(int e) {
-          Acc pe = 0;
-          int cnt = 0;
-          for (int t = 0; t < T_; ++t) {
-            pe += P(t, e);
-            for (int j = 0; j < k; ++j) cnt += I(t, j) == e ? 1 : 0;
-          }
-          st(0, e) = T_ > 0 ? Acc(cnt) / Acc(T_ * k) : Acc(0);  // f_e
-          st(1, e) = T_ > 0 ? pe / Acc(T_) : Acc(0);            // P_e
-        });
-    Kokkos::parallel_for(
-        "hexamoe::router_losses", Kokkos::RangePolicy<ExecutionSpace>(space, 0, 1), KOKKOS_LAMBDA(int) {
-          Acc aux = 0, zl = 0;
-          for (int e = 0; e < E; ++e) aux += st(0, e) * st(1, e);
-          for (int t = 0; t < T_; ++t) zl += L(t) * L(t);
-          ls(0) = aw * Acc(E) * aux;
-          ls(1) = T_ > 0 ? zw * zl / Acc(T_) : Acc(0);
-        });
+    {
+      policy pol(space, 1, ts, vl);
+      std::size_t const bytes = sizeof(Acc) * (2 * E + 1);
+      pol.set_scratch_size(0, Kokkos::PerTeam(bytes + 64));
+      Kokkos::parallel_for(
+          "hexamoe::router_losses", pol, KOKKOS_LAMBDA(member const &team) {
+            Acc *fp = static_cast<Acc *>(team.team_shmem().get_shmem(bytes));  // f_e, P_e, sum lse^2
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E + 1), [&](int e) {
+              Acc p = 0;
+              Kokkos::parallel_reduce(
+                  Kokkos::ThreadVectorRange(team, nch), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
+              int n = 0;
+              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nch), [&](int c, int &s) { s += sn(c, e); }, n);
+              Kokkos::single(Kokkos::PerThread(team), [&]() {
+                if (e < E) {
+                  Acc const f = T_ > 0 ? Acc(n) / Acc(T_ * k) : Acc(0);
+                  Acc const pe = T_ > 0 ? p / Acc(T_) : Acc(0);
+                  st(0, e) = f;
+                  st(1, e) = pe;
+                  fp[e] = f;
+                  fp[E + e] = pe;
+                } else {
+                  fp[2 * E] = p;
+                }
+              });
+            });
+            team.team_barrier();
+            Kokkos::single(Kokkos::PerTeam(team), [&]() {
+              Acc aux = 0;
+              for (int e = 0; e < E; ++e) aux += fp[e] * fp[E + e];
+              ls(0) = aw * Acc(E) * aux;
+              ls(1) = T_ > 0 ? zw * fp[2 * E] / Acc(T_) : Acc(0);
+            });
+          });
+    }
   }
 
   // Auxiliary balance loss and z-loss of the last forward (reads back two numbers).
@@ -137,11 +351,21 @@ class Router {
   }
 
   // dgate: dL/dg per flat id [T*k]. Writes weight_grad, bias_grad (overwritten)
-  // and adds the router's part of dL/dx into dx.
+  // and adds the router's part of dL/dx into dx. dx uses the weight of the last
+  // forward (its transposed copy).
   void backward(ExecutionSpace const &space, Matrix<T const, memory_space> x, Kokkos::View<Acc const *, memory_space> dgate,
                 Matrix<T, memory_space> dx) {
     compat::ScopedRegion region("hexamoe::Router::backward");
     int const T_ = static_cast<int>(x.extent(0)), d = dim_, E = experts_, k = opt_.top_k;
+    constexpr int EB = detail::router_expert_block;
+    int const Ep = detail::router_padded_experts(E);
+    int const ts = shape_.team, vl = shape_.vector, cs = shape_.chunk, cb = shape_.columns;
+    int const nch = detail::router_chunks(T_, cs);
+    if (static_cast<int>(probs.extent(0)) != T_ || static_cast<int>(wgrad_part_.extent(0)) != nch)
+      throw std::logic_error("Router::backward: x has " + std::to_string(T_) + " rows, the last forward had " +
+                             std::to_string(probs.extent(0)) + " (or the shape changed since)");
+    using policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename policy::member_type;
     auto P = probs;
     auto L = lse;
     auto I = idx;
@@ -168,48 +392,139 @@ class Router {
           for (int e = 0; e < E; ++e) dot += P(t, e) * dl(t, e);
           for (int e = 0; e < E; ++e)
             dl(t, e) = P(t, e) * (dl(t, e) - dot) + zw * Acc(2) * L(t) * P(t, e) / Acc(T_);
+          for (int e = E; e < Ep; ++e) dl(t, e) = Acc(0);  // padding: blocks of EB need no bounds checks
         });
+
+    // [dWr; dbr] = [x 1]^T dlogits, stage 1: a team per (token chunk, block of
+    // columns of [x 1]); each thread takes every ts-th token of the chunk, each
+    // lane a column, accumulating EB experts in team scratch; the threads'
+    // sums are added in thread order into the chunk's partial.
+    auto wp = wgrad_part_;  // [chunks, (d + 1) * E]: entry i * E + e is (row i of [dWr; dbr], expert e)
+    int const ncb = (d + 1 + cb - 1) / cb;
+    if (T_ > 0) {
+      policy pol(space, nch * ncb, ts, vl);
+      std::size_t const bytes = sizeof(Acc) * ts * EB * cb;
+      pol.set_scratch_size(0, Kokkos::PerTeam(bytes + 64));
+      Kokkos::parallel_for(
+          "hexamoe::router_dweight", pol, KOKKOS_LAMBDA(member const &team) {
+            int const c = team.league_rank() / ncb, c0 = (team.league_rank() % ncb) * cb;
+            int const ncol = d + 1 - c0 < cb ? d + 1 - c0 : cb;
+            int const t0 = c * cs, t1 = t0 + cs < T_ ? t0 + cs : T_;
+            // [thread][q][column] on devices (lanes on consecutive banks), [thread][column][q] on hosts (SIMD over q).
+            Acc *acc = static_cast<Acc *>(team.team_shmem().get_shmem(bytes));
+            int const qs = host ? 1 : cb;  // stride between experts
+            auto at = [&](int r, int q, int col) -> Acc & {
+              return acc[host ? (r * cb + col) * EB + q : (r * EB + q) * cb + col];
+            };
+            for (int e0 = 0; e0 < E; e0 += EB) {
+              Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
+                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, ncol), [&](int col) {
+                  for (int q = 0; q < EB; ++q) at(r, q, col) = Acc(0);
+                });
+                for (int t = t0 + r; t < t1; t += ts) {
+                  Acc g[EB];
+                  for (int q = 0; q < EB; ++q) g[q] = dl(t, e0 + q);
+                  Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, ncol), [&](int col) {
+                    int const i = c0 + col;
+                    Acc *a = &at(r, 0, col);
+                    if (i < d) {
+                      Acc const xv = to_acc<Acc>(x(t, i));
+                      for (int q = 0; q < EB; ++q) a[q * qs] += xv * g[q];
+                    } else {  // the bias column
+                      for (int q = 0; q < EB; ++q) a[q * qs] += g[q];
+                    }
+                  });
+                }
+              });
+              team.team_barrier();
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, EB * ncol), [&](int j) {
+                int const q = j / ncol, col = j % ncol;
+                if (e0 + q < E) {
+                  Acc s = 0;
+                  for (int r = 0; r < ts; ++r) s += at(r, q, col);
+                  wp(c, (c0 + col) * E + e0 + q) = s;
+                }
+              });
+              team.team_barrier();
+            }
+          });
+    }
+    // Stage 2: each output sums its chunk partials in chunk order.
     auto Wg = weight_grad;
     auto bg = bias_grad;
     Kokkos::parallel_for(
-        "hexamoe::router_dweight", Kokkos::RangePolicy<ExecutionSpace>(space, 0, (d + 1) * E), KOKKOS_LAMBDA(int i) {
-          int const r = i / E, e = i % E;
+        "hexamoe::router_dweight_sum", Kokkos::RangePolicy<ExecutionSpace>(space, 0, (d + 1) * E), KOKKOS_LAMBDA(int o) {
           Acc s = 0;
-          if (r < d) {
-            for (int t = 0; t < T_; ++t) s += to_acc<Acc>(x(t, r)) * dl(t, e);
-            Wg(r, e) = s;
-          } else {
-            for (int t = 0; t < T_; ++t) s += dl(t, e);
-            bg(e) = s;
-          }
+          for (int c = 0; c < nch; ++c) s += wp(c, o);
+          if (o < d * E)
+            Wg(o / E, o % E) = s;
+          else
+            bg(o - d * E) = s;
         });
-    auto W = weight;
-    Kokkos::parallel_for(
-        "hexamoe::router_dx", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
-          int const t = i / d, c = i % d;
-          Acc s = to_acc<Acc>(dx(t, c));
-          for (int e = 0; e < E; ++e) s += dl(t, e) * W(c, e);
-          dx(t, c) = from_acc<T>(s);
-        });
+
+    // dx[t, c] += sum_e dlogits[t, e] Wt(e, c): a thread per token, lanes along c
+    // (coalesced on devices).
+    auto Wt = weight_t_;
+    if (T_ > 0)
+      Kokkos::parallel_for(
+          "hexamoe::router_dx", policy(space, (T_ + ts - 1) / ts, ts, vl), KOKKOS_LAMBDA(member const &team) {
+            int const t0 = team.league_rank() * ts, t1 = t0 + ts < T_ ? t0 + ts : T_;
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, t0, t1), [&](int t) {
+              Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, d), [&](int c) {
+                Acc s = to_acc<Acc>(dx(t, c));
+                for (int e = 0; e < E; ++e) s += dl(t, e) * Wt(e, c);
+                dx(t, c) = from_acc<T>(s);
+              });
+            });
+          });
   }
 
  private:
+  void drop_results() {
+    probs = {};
+    lse = {};
+    idx = {};
+    gate = {};
+    dlogits_ = {};
+    stat_part_ = {};
+    count_part_ = {};
+    wgrad_part_ = {};
+  }
+
+  // Per-forward buffers, reallocated only when the token count (or the shape) changes.
   void ensure(ExecutionSpace const &space, int T_) {
-    if (static_cast<int>(probs.extent(0)) == T_) return;
-    int const E = experts_, k = opt_.top_k;
-    probs = Matrix<Acc, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.probs"), T_, E);
-    dlogits_ = Matrix<Acc, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.dlogits"), T_, E);
-    lse = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.lse"), T_);
-    idx = Kokkos::View<int **, Kokkos::LayoutRight, memory_space>(
-        Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.idx"), T_, k);
-    gate = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.gate"), T_ * k);
+    int const E = experts_, k = opt_.top_k, Ep = detail::router_padded_experts(E);
+    if (T_ == 0) {  // nothing is read or written for zero tokens
+      drop_results();
+      return;
+    }
+    if (static_cast<int>(probs.extent(0)) != T_) {
+      probs = Matrix<Acc, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.probs"), T_, E);
+      dlogits_ = Matrix<Acc, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.dlogits"), T_, Ep);
+      lse = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.lse"), T_);
+      idx = Kokkos::View<int **, Kokkos::LayoutRight, memory_space>(
+          Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.idx"), T_, k);
+      gate = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.gate"), T_ * k);
+    }
+    int const nch = detail::router_chunks(T_, shape_.chunk);
+    if (static_cast<int>(wgrad_part_.extent(0)) != nch) {
+      auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
+      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nch, Ep + 1);
+      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nch, Ep);
+      wgrad_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.weight_grad_partials"), nch, (dim_ + 1) * E);
+    }
   }
 
   int dim_ = 0, experts_ = 0;
   RouterOptions opt_;
-  Matrix<Acc, memory_space> dlogits_;
+  RouterShape shape_ = default_router_shape<ExecutionSpace>();
+  weight_t_type weight_t_;                   // [Epad, d] copy of weight, made by forward
+  Matrix<Acc, memory_space> dlogits_;        // [T, Epad], columns past E zero
   Kokkos::View<Acc *, memory_space> losses_;  // [aux, z]
   Matrix<Acc, memory_space> stats_;          // [f_e; P_e]
+  Matrix<Acc, memory_space> stat_part_;      // [chunks, Epad + 1]
+  Matrix<int, memory_space> count_part_;     // [chunks, Epad]
+  Matrix<Acc, memory_space> wgrad_part_;     // [chunks, (d + 1) * E]
 };
 
 }  // namespace hexamoe

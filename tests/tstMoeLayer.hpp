@@ -278,6 +278,181 @@ TEST(MoeLayer, BitIdenticalOutputsAndGradients) {
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(double)));
 }
 
+// The router alone, kernel by kernel, against a float64 reference, under the
+// backend's launch shape and under GPU-like and odd shapes (vector lanes,
+// token chunks and column blocks that divide nothing), with several expert
+// blocks (E = 12 > 8), k = E and E = 1. The reference takes the kernel's
+// routing where two probabilities are too close for float to order them.
+struct RouterCase {
+  int T, d, E, k;
+  bool renorm;
+};
+
+template <class T>
+void check_router(RouterCase const &c, RouterShape const &shape, double tol, unsigned seed) {
+  using A = accumulator_t<T>;
+  double const aw = 0.01, zw = 0.001;
+  Router<T, Space> R(c.d, c.E, RouterOptions{c.k, c.renorm, aw, zw});
+  R.set_shape(shape);
+  std::mt19937 rng(seed);
+  Vec wr = test::rounded<A>(test::random_vec(std::size_t(c.d) * c.E, rng, 0.5));
+  Vec br = test::rounded<A>(test::random_vec(c.E, rng, 0.3));
+  Vec x = test::rounded<T>(test::random_vec(std::size_t(c.T) * c.d, rng));
+  Vec dg = test::rounded<A>(test::random_vec(std::size_t(c.T) * c.k, rng));
+  Vec dx0 = test::rounded<T>(test::random_vec(std::size_t(c.T) * c.d, rng));
+  test::to_view<A>(wr, R.weight);
+  test::to_view<A>(br, R.bias);
+  V2<T> xd = test::to_view<T>(x, V2<T>("x", c.T, c.d));
+  Kokkos::View<A *, Mem> dgd = test::to_view<A>(dg, Kokkos::View<A *, Mem>("dg", std::size_t(c.T) * c.k));
+  auto run = [&]() {
+    V2<T> dxd = test::to_view<T>(dx0, V2<T>("dx", c.T, c.d));
+    test::poison<A>(R.weight_grad);
+    test::poison<A>(R.bias_grad);
+    R.forward(Space(), xd);
+    R.backward(Space(), xd, dgd, dxd);
+    auto [aux, z] = R.losses();
+    Vec all = test::from_view(R.probs);
+    for (Vec v : {test::from_view(R.lse), test::from_view(R.gate), test::from_view(R.weight_grad),
+                  test::from_view(R.bias_grad), test::from_view(dxd), Vec{aux, z}})
+      all.insert(all.end(), v.begin(), v.end());
+    return all;
+  };
+  Vec const first = run();
+  std::vector<int> idx(std::size_t(c.T) * c.k);
+  {
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), R.idx);
+    std::copy(h.data(), h.data() + idx.size(), idx.begin());
+  }
+  Vec const again = run();  // buffers reused: bit-identical
+  ASSERT_EQ(first.size(), again.size());
+  EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(double)));
+
+  int const T_ = c.T, d = c.d, E = c.E, k = c.k;
+  Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k), cnt(E, 0.0), pe(E, 0.0);
+  double zsum = 0;
+  for (int t = 0; t < T_; ++t) {
+    Vec lg(E);
+    for (int e = 0; e < E; ++e) {
+      lg[e] = br[e];
+      for (int i = 0; i < d; ++i) lg[e] += x[std::size_t(t) * d + i] * wr[std::size_t(i) * E + e];
+    }
+    double const mx = *std::max_element(lg.begin(), lg.end());
+    double s = 0;
+    for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
+    lse[t] = mx + std::log(s);
+    zsum += lse[t] * lse[t];
+    double *pt = &p[std::size_t(t) * E];
+    for (int e = 0; e < E; ++e) pt[e] = std::exp(lg[e] - lse[t]);
+    std::vector<int> order(E);
+    for (int e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pt[a] > pt[b]; });
+    double zs = 0;
+    for (int j = 0; j < k; ++j) {
+      int const kj = idx[std::size_t(t) * k + j];
+      if (kj != order[j]) {
+        // Only a near tie may order differently; then follow the kernel.
+        ASSERT_TRUE(kj >= 0 && kj < E) << "t=" << t;
+        EXPECT_LE(std::fabs(pt[kj] - pt[order[j]]), 1e-6) << "t=" << t << " j=" << j;
+      }
+      gate[std::size_t(t) * k + j] = pt[kj];
+      zs += pt[kj];
+      cnt[kj] += 1;
+    }
+    if (c.renorm)
+      for (int j = 0; j < k; ++j) gate[std::size_t(t) * k + j] /= zs;
+    for (int e = 0; e < E; ++e) pe[e] += pt[e];
+  }
+  double aux = 0;
+  for (int e = 0; e < E; ++e) aux += (cnt[e] / (T_ * k)) * (pe[e] / T_);
+  aux *= aw * E;
+  double const zl = zw * zsum / T_;
+  // Backward: dlogits, then [x 1]^T dlogits and dx0 + dlogits Wr^T. The
+  // gradient sums over tokens cancel (E = 1: sum_t lse_t): their errors are
+  // measured against the sums of magnitudes, the scale of rounding errors.
+  Vec dW(std::size_t(d) * E, 0.0), db(E, 0.0), dx = dx0;
+  double dW_mag = 0, db_mag = 0;
+  for (int t = 0; t < T_; ++t) {
+    double const *pt = &p[std::size_t(t) * E];
+    Vec dp(E);
+    for (int e = 0; e < E; ++e) dp[e] = aw * E * (cnt[e] / (T_ * k)) / T_;
+    double Z = 0, s = 0;
+    for (int j = 0; j < k; ++j) {
+      Z += pt[idx[std::size_t(t) * k + j]];
+      s += dg[std::size_t(t) * k + j] * gate[std::size_t(t) * k + j];
+    }
+    for (int j = 0; j < k; ++j) {
+      double const g = dg[std::size_t(t) * k + j];
+      dp[idx[std::size_t(t) * k + j]] += c.renorm ? (g - s) / Z : g;
+    }
+    double dot = 0;
+    for (int e = 0; e < E; ++e) dot += pt[e] * dp[e];
+    for (int e = 0; e < E; ++e) {
+      double const dl = pt[e] * (dp[e] - dot) + zw * 2 * lse[t] * pt[e] / T_;
+      db[e] += dl;
+      db_mag += std::fabs(dl);
+      for (int i = 0; i < d; ++i) {
+        dW[std::size_t(i) * E + e] += x[std::size_t(t) * d + i] * dl;
+        dW_mag += std::fabs(x[std::size_t(t) * d + i] * dl);
+        dx[std::size_t(t) * d + i] += dl * wr[std::size_t(i) * E + e];
+      }
+    }
+  }
+  auto part = [&](std::size_t &at, std::size_t n) {
+    Vec v(first.begin() + at, first.begin() + at + n);
+    at += n;
+    return v;
+  };
+  std::size_t at = 0;
+  EXPECT_LE(test::rel_error(part(at, p.size()), p), tol) << "probs";
+  EXPECT_LE(test::rel_error(part(at, lse.size()), lse), tol) << "lse";
+  EXPECT_LE(test::rel_error(part(at, gate.size()), gate), tol) << "gate";
+  EXPECT_LE(test::rel_error(part(at, dW.size()), dW, dW_mag / (double(d) * E)), tol) << "weight_grad";
+  EXPECT_LE(test::rel_error(part(at, db.size()), db, db_mag / E), tol) << "bias_grad";
+  EXPECT_LE(test::rel_error(part(at, dx.size()), dx), tol) << "dx";
+  EXPECT_NEAR(first[at], aux, tol * std::fabs(aux) + 1e-12) << "aux";
+  EXPECT_NEAR(first[at + 1], zl, tol * std::fabs(zl) + 1e-12) << "z";
+}
+
+TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
+  bool const host = Kokkos::SpaceAccessibility<Space, Kokkos::HostSpace>::accessible;
+  int const team = host ? 1 : 8, odd_lanes = host ? 3 : 4;  // GPU vector lengths are powers of two
+  std::vector<RouterShape> const shapes = {default_router_shape<Space>(), RouterShape{team, 32, 100, 16},
+                                           RouterShape{team, odd_lanes, 7, 5}};
+  std::vector<RouterCase> const rcases = {
+      {1500, 45, 12, 2, true}, {700, 20, 3, 3, false}, {333, 9, 1, 1, false}, {1, 7, 8, 1, false}};
+  unsigned seed = 500;
+  for (auto const &s : shapes)
+    for (auto const &c : rcases) {
+      SCOPED_TRACE("shape {" + std::to_string(s.team) + ", " + std::to_string(s.vector) + ", " + std::to_string(s.chunk) +
+                   ", " + std::to_string(s.columns) + "} T=" + std::to_string(c.T) + " d=" + std::to_string(c.d) +
+                   " E=" + std::to_string(c.E) + " k=" + std::to_string(c.k));
+      check_router<double>(c, s, 1e-12, seed);
+      check_router<float>(c, s, 1e-5, seed);
+      ++seed;
+    }
+}
+
+TEST(MoeLayer, RouterWithoutTokens) {
+  // After a step with tokens, a step with none: zero losses and gradients.
+  Router<float, Space> R(6, 4, RouterOptions{2, false, 0.01, 0.001});
+  std::mt19937 rng(9);
+  test::to_view<float>(test::random_vec(24, rng), R.weight);
+  V2<float> x = test::to_view<float>(test::random_vec(30, rng), V2<float>("x", 5, 6)), dx("dx", 5, 6);
+  Kokkos::View<float *, Mem> dg("dg", 10);
+  R.forward(Space(), x);
+  R.backward(Space(), x, dg, dx);
+  V2<float> x0("x0", 0, 6), dx0("dx0", 0, 6);
+  R.forward(Space(), x0);
+  auto [aux, z] = R.losses();
+  EXPECT_EQ(aux, 0.0);
+  EXPECT_EQ(z, 0.0);
+  test::poison<float>(R.weight_grad);
+  test::poison<float>(R.bias_grad);
+  R.backward(Space(), x0, Kokkos::View<float *, Mem>("dg0", 0), dx0);
+  for (double v : test::from_view(R.weight_grad)) EXPECT_EQ(v, 0.0);
+  for (double v : test::from_view(R.bias_grad)) EXPECT_EQ(v, 0.0);
+}
+
 TEST(MoeLayer, RejectsBadArguments) {
   auto expect_msg = [](auto f, std::string const &needle) {
     try {
