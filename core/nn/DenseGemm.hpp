@@ -12,9 +12,9 @@
 // - otherwise (devices, no Kokkos Kernels, K = 0, float on vectorised hosts):
 //   a Kokkos team tile kernel on the machinery of core/TileGemm.hpp, where each
 //   element of C is computed by one thread in a fixed order over K
-//   (deterministic). On the 2-core development host its float GEMMs on the
-//   model's shapes ran 1.4 to 4.5x faster on one core than OpenBLAS on two
-//   (docs/PERFORMANCE.md), so float takes it wherever it is vectorised.
+//   (deterministic). On the 2-core development host it ran the model's
+//   float GEMMs faster on one core than OpenBLAS on two (docs/PERFORMANCE.md,
+//   default job), so float takes it wherever it is vectorised.
 // With beta = 0, C is never read (it may hold NaN), as in BLAS.
 //
 // OpenBLAS picks its kernels from the CPU model at load time; where it does not
