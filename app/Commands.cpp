@@ -37,6 +37,24 @@ std::string version_string() {
   return s.str();
 }
 
+// A deck loaded on every rank and checked against this job's rank count
+// (collective: every rank stops with the same message when one finds a
+// problem).
+Deck load_job_deck(std::string const &path, std::vector<std::string> const &overrides) {
+  Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(path, overrides); });
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  collectively(MPI_COMM_WORLD, [&] {
+    check_parallel(deck, n);
+    if (deck.train.batch_size < n)
+      throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(deck.train.batch_size) +
+                                                           " is smaller than the " + std::to_string(n) +
+                                                           " ranks (each needs a sample)");
+    return 0;
+  });
+  return deck;
+}
+
 }  // namespace
 
 int run(int argc, char **argv) {
@@ -112,38 +130,14 @@ int run(int argc, char **argv) {
       return 0;
     }
     if (*plan_cmd) {
-      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
-      int n = 1;
-      MPI_Comm_size(MPI_COMM_WORLD, &n);
-      collectively(MPI_COMM_WORLD, [&] {
-        check_parallel(deck, n);
-        if (deck.train.batch_size < n)
-          throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(deck.train.batch_size) +
-                                                               " is smaller than the " + std::to_string(n) +
-                                                               " ranks (each needs a sample)");
-        return 0;
-      });
+      Deck const deck = load_job_deck(deck_path, overrides);
       Kokkos::DefaultExecutionSpace space;
       parallel::MoeFactory<Kokkos::DefaultExecutionSpace> moe(space, deck, MPI_COMM_WORLD, /*measure=*/true);
       if (world_rank() == 0) std::cout << parallel::format_plan(moe.plan(), "hexamoe plan " + deck_path);
       return 0;
     }
     if (*bench_cmd && !stack_deck.empty()) {
-      Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(stack_deck, stack_overrides); });
-      int n = 1;
-      MPI_Comm_size(MPI_COMM_WORLD, &n);
-      collectively(MPI_COMM_WORLD, [&] {
-        check_parallel(deck, n);
-        if (deck.train.batch_size < n)
-          throw InputError(deck.where("train.batch_size"), "the global batch of " + std::to_string(deck.train.batch_size) +
-                                                               " is smaller than the " + std::to_string(n) +
-                                                               " ranks (each needs a sample)");
-        if (deck.moe.dtype != MoeSection::Dtype::float32)
-          throw InputError(deck.where("moe.dtype"),
-                           "hexamoe bench --deck runs float32 expert layers (bfloat16 experts have no data- or "
-                           "model-centric mode); set moe.dtype = \"float32\"");
-        return 0;
-      });
+      Deck const deck = load_job_deck(stack_deck, stack_overrides);  // (run_stack_bench refuses bf16 decks)
       bench::StackOptions sopt;
       sopt.reps = bopt.reps;
       sopt.warmup = bopt.warmup;
