@@ -416,12 +416,17 @@ void check_module(std::vector<std::vector<int>> const &forward_dims, std::vector
 
 // C = alpha op(A) op(B) + beta C against loops, every transpose, beta 0 on a
 // NaN C (must not be read) and beta != 0, tile-unaligned and degenerate extents.
+// On vectorised hosts (core/TileGemm.hpp) the extents also cover every path of
+// the host micro-kernel: full 6 x 32 blocks, fewer rows (70, 49, 37, 13 rows
+// leave 4, 1, 1 and 1 rows), 16-column blocks (N = 48 and 80) and the scalar
+// loop for other widths (N = 130, 3, 6).
 template <class T>
 void run_gemm(bool tiled) {
   struct Dims {
     int M, N, K;
   };
-  for (Dims s : {Dims{70, 130, 50}, Dims{1, 1, 1}, Dims{49, 64, 257}, Dims{200, 3, 7}, Dims{5, 6, 0}}) {
+  for (Dims s : {Dims{70, 130, 50}, Dims{1, 1, 1}, Dims{49, 64, 257}, Dims{200, 3, 7}, Dims{5, 6, 0}, Dims{37, 48, 20},
+                 Dims{13, 80, 33}}) {
     for (int ta = 0; ta < 2; ++ta)
       for (int tb = 0; tb < 2; ++tb)
         for (double beta : {0.0, 0.3}) {
