@@ -741,15 +741,21 @@ void expect_collective_error(std::vector<std::string> const &args, std::string c
   EXPECT_EQ(core, root) << "rank " << world_rank() << " printed another message";
 }
 
-TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
-  int const n = world_size();
-  std::string const dir = fresh_dir("bad");
+// The training deck written once into a fresh directory (rank 0; all wait).
+std::string deck_in(std::string const &dir) {
   std::string const deck = dir + "/deck.toml";
   if (world_rank() == 0) {
     fs::create_directories(dir);
     std::ofstream(deck) << train_deck_text;
   }
   MPI_Barrier(MPI_COMM_WORLD);
+  return deck;
+}
+
+TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
+  int const n = world_size();
+  std::string const dir = fresh_dir("bad");
+  std::string const deck = deck_in(dir);
   std::string const out = "run.output_dir=\"" + dir + "/out\"";
   auto list = [](std::vector<double> v) {
     std::string s = "[";
@@ -781,13 +787,7 @@ TEST(Parallel, BadInputStopsEveryRankWithOneMessage) {
 // hexamoe bench --deck: the deck's MoE stack runs in each mode on every rank
 // count (exit 0 everywhere); bad decks stop every rank with one message.
 TEST(Parallel, StackBenchRunsEachModeAndRefusesBadDecks) {
-  std::string const dir = fresh_dir("stack");
-  std::string const deck = dir + "/deck.toml";
-  if (world_rank() == 0) {
-    fs::create_directories(dir);
-    std::ofstream(deck) << train_deck_text;
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
+  std::string const deck = deck_in(fresh_dir("stack"));
   for (char const *mode : {"data", "model", "auto"})
     for (char const *overlap : {"true", "false"}) {
       auto [status, msg] = run_driver({"hexamoe", "bench", "--deck", deck, "--reps", "1", "--warmup", "0", "--json",
