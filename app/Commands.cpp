@@ -5,6 +5,7 @@
 #include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
 #include "bench/StackBench.hpp"
+#include "core/TileGemm.hpp"
 #include "io/Deck.hpp"
 #include "io/InputError.hpp"
 #include "parallel/MoeFactory.hpp"
@@ -65,13 +66,19 @@ int run(int argc, char **argv) {
 
   bench::BenchOptions bopt;
   auto *bench_cmd = cli.add_subcommand("bench", "Time the MoE layer (forward, forward+backward) on the Swin-MoE shapes");
-  bench_cmd->add_option("--only", bopt.only, "Shape names (swinS-s3-top1, swinS-s3-top2, swinS-s4-top1, swinB-s3-top1, swinB-s4-top1, e64-top2-skew)");
+  bench_cmd
+      ->add_option("--only", bopt.only,
+                   "Shape names, space- or comma-separated (swinS-s3-top1, swinS-s3-top2, swinS-s4-top1, swinB-s3-top1, "
+                   "swinB-s4-top1, e64-top2-skew)")
+      ->delimiter(',');
   bench_cmd->add_option("--token-scale", bopt.token_scale, "Multiply every shape's token count")->check(CLI::PositiveNumber);
   bench_cmd->add_option("--reps", bopt.reps, "Timed runs per measurement (median reported)")->check(CLI::PositiveNumber);
   bench_cmd->add_option("--warmup", bopt.warmup, "Untimed warm-up runs")->check(CLI::NonNegativeNumber);
-  bench_cmd->add_option("--dtype", bopt.dtypes, "Storage types: float32, bfloat16")
+  bench_cmd->add_option("--dtype", bopt.dtypes, "Storage types: float32, bfloat16")->delimiter(',')
       ->check(CLI::IsMember({"float32", "bfloat16"}));
   bench_cmd->add_flag("!--no-baseline", bopt.baseline, "Skip the padded GEMM baseline");
+  bench_cmd->add_flag("!--no-reference", bopt.reference,
+                      "Skip the float64 check of sampled output rows (max |y - y64| / max |y64|)");
   bench_cmd->add_option("--capacity-factor", bopt.capacity_factor, "Capacity factor of the padded baseline")
       ->check(CLI::PositiveNumber);
   bench_cmd->add_flag("--json", bopt.json, "JSON lines instead of a table");
@@ -112,6 +119,8 @@ int run(int argc, char **argv) {
   }
 
   try {
+    // The environment's float32 GEMM choice is read once; a bad value stops here, on every rank.
+    (void)detail::dev::float32_math();
     if (*check_cmd) {
       Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       int n = 1;

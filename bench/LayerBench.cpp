@@ -13,6 +13,7 @@
 #include <ostream>
 #include <random>
 #include <sstream>
+#include <vector>
 
 namespace hexamoe::bench {
 
@@ -62,7 +63,67 @@ struct Row {
   int tokens;
   double fwd_ms, fb_ms, fwd_gflops, fb_gflops, peak_mib;
   double check = -1;  // max relative difference to the other implementation
+  std::string math = {};  // the expert GEMMs' arithmetic
+  double ref_err = -1;  // max |y - y64| / max |y64| over sampled tokens
 };
+
+// The arithmetic of our expert GEMMs for storage T on this backend.
+template <class T>
+std::string math_name() {
+  using detail::dev::Math;
+  switch (detail::dev::math_for<Space, T, T>()) {
+    case Math::bf16_mma: return "bf16-mma";
+    case Math::tf32_mma: return "tf32";
+    case Math::tf32x3_mma: return "3xtf32";
+    case Math::simt: return "fma";
+    default: return "portable";
+  }
+}
+
+// y against a float64 evaluation of the layer, on the routing the router chose,
+// for an evenly spaced sample of tokens (plain loops on the host; the operands
+// as stored): max |y - y64| / max |y64| over the sample, as the peers report it.
+template <class T>
+double reference_error(MoeLayer<T, Space> const &L, Matrix<T, Mem> x, Matrix<T, Mem> y) {
+  auto const &c = L.config();
+  int const Tn = static_cast<int>(x.extent(0)), d = c.dim, H = c.local_hidden(), k = c.top_k;
+  auto hx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), x);
+  auto hy = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), y);
+  auto w1 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.w1);
+  auto b1 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.b1);
+  auto w2 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.w2);
+  auto b2 = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.b2);
+  auto idx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.router.idx);
+  auto gate = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.router.gate);
+  double const per_token = 4.0 * k * d * double(H);
+  int const samples = std::max(1, std::min(256, std::min(Tn, static_cast<int>(2e9 / per_token))));
+  double err = 0, mag = 1e-300;
+  std::vector<double> h(H), o(d);
+  for (int si = 0; si < samples; ++si) {
+    int const t = static_cast<int>((static_cast<long long>(si) * Tn) / samples);
+    std::fill(o.begin(), o.end(), 0.0);
+    for (int j = 0; j < k; ++j) {
+      int const e = idx(t, j);
+      double const g = static_cast<double>(gate(t * k + j));
+      for (int n = 0; n < H; ++n) h[n] = static_cast<double>(static_cast<float>(b1(e, n)));
+      for (int i = 0; i < d; ++i) {
+        double const xi = static_cast<double>(static_cast<float>(hx(t, i)));
+        for (int n = 0; n < H; ++n) h[n] += xi * static_cast<double>(static_cast<float>(w1(e, i, n)));
+      }
+      for (int n = 0; n < H; ++n) h[n] = 0.5 * h[n] * (1.0 + std::erf(h[n] / std::sqrt(2.0)));
+      for (int i = 0; i < d; ++i) {
+        double v = static_cast<double>(static_cast<float>(b2(e, i)));
+        for (int n = 0; n < H; ++n) v += h[n] * static_cast<double>(static_cast<float>(w2(e, n, i)));
+        o[i] += g * v;
+      }
+    }
+    for (int i = 0; i < d; ++i) {
+      err = std::max(err, std::fabs(static_cast<double>(static_cast<float>(hy(t, i))) - o[i]));
+      mag = std::max(mag, std::fabs(o[i]));
+    }
+  }
+  return err / mag;
+}
 
 MoeLayerConfig config_of(BenchShape const &s, int tokens, double cf) {
   MoeLayerConfig c;
@@ -83,6 +144,7 @@ Row bench_ours(BenchShape const &s, int tokens, BenchOptions const &opt, char co
   std::string const space = Mem::name();
   std::int64_t const base = MemoryTracker::current(space);
   Row r{s.name, "hexamoe", dtype, tokens, 0, 0, 0, 0, 0};
+  r.math = math_name<T>();
   {
     MoeLayer<T, Space> L(config_of(s, tokens, 0.0));
     L.init(opt.seed);
@@ -104,6 +166,10 @@ Row bench_ours(BenchShape const &s, int tokens, BenchOptions const &opt, char co
         },
         opt.reps, opt.warmup);
     r.peak_mib = double(MemoryTracker::peak(space) - base) / (1 << 20);
+    if (opt.reference) {
+      L.forward(space_, x, y);
+      r.ref_err = reference_error(L, x, y);
+    }
   }
   double const flops = 4.0 * tokens * s.top_k * double(s.dim) * s.hidden;  // two GEMMs, useful work
   r.fwd_gflops = flops / r.fwd_ms / 1e6;
@@ -162,6 +228,8 @@ void print(std::ostream &out, Row const &r, bool json) {
         << ", \"fwd_GFLOPs\": " << r.fwd_gflops << ", \"fwdbwd_GFLOPs\": " << r.fb_gflops
         << ", \"peak_MiB\": " << r.peak_mib;
     if (r.check >= 0) out << ", \"check_rel_diff\": " << r.check;
+    if (!r.math.empty()) out << ", \"math\": \"" << r.math << "\"";
+    if (r.ref_err >= 0) out << ", \"max_rel_diff_fp64\": " << r.ref_err;
     out << "}" << std::endl;
     return;
   }
@@ -170,12 +238,25 @@ void print(std::ostream &out, Row const &r, bool json) {
       << r.fb_ms << std::setprecision(1) << std::setw(10) << r.fwd_gflops << std::setw(10) << r.fb_gflops
       << std::setw(10) << r.peak_mib;
   if (r.check >= 0) out << std::scientific << std::setprecision(1) << "  check " << r.check;
+  if (!r.math.empty()) out << "  " << r.math;
+  if (r.ref_err >= 0) out << std::scientific << std::setprecision(1) << "  fp64 diff " << r.ref_err;
   out << std::defaultfloat << std::endl;
 }
 
 }  // namespace
 
 int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
+  for (auto const &name : opt.only) {
+    auto const &all = swin_shapes();
+    if (std::none_of(all.begin(), all.end(), [&](BenchShape const &s) { return s.name == name; })) {
+      std::string known;
+      for (auto const &s : all) known += (known.empty() ? "" : ", ") + s.name;
+      throw std::invalid_argument("bench: unknown shape '" + name + "' (known: " + known + ")");
+    }
+  }
+  for (auto const &dt : opt.dtypes)
+    if (dt != "float32" && dt != "bfloat16")
+      throw std::invalid_argument("bench: unknown dtype '" + dt + "' (expected float32 or bfloat16)");
   MemoryTracker::install();
   if (!opt.json) {
     out << "# backend " << Space::name() << ", " << opt.reps << " timed runs (median), " << opt.warmup

@@ -27,6 +27,7 @@ struct BenchOptions {
   bool baseline = true;           // also time the padded GEMM baseline (float32)
   double capacity_factor = 1.25;  // of the baseline
   bool json = false;              // JSON lines instead of a table
+  bool reference = true;          // compare sampled output rows with a float64 evaluation
   unsigned seed = 1;
 };
 

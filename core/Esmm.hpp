@@ -193,11 +193,16 @@ struct EsmmDeviceKernel {
   Base k;       // operands, epilogue and extents
   bool vec_x;   // X rows readable in 16-byte vectors
   bool vec_w;   // W rows likewise
+  bool async;   // asynchronous copies allowed (dev::async_copies())
+  bool pairs;   // outputs (and bias, act' input) as aligned pairs of elements
 
   // Scratch: the main loop's buffers, reused by the epilogue's staging of
   // 128 x 64 accumulators (and, before the loop, by the experts' tile counts),
   // then the row table (flat id, row scale, token gate of each tile row).
-  static constexpr std::size_t main_bytes = dev::scratch_bytes<M>(BK, false) - 128;
+  static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * BM * dev::PKH * sizeof(bfloat16);
+  static constexpr std::size_t main_bytes =
+      mma_bf16 && async_bytes > dev::scratch_bytes<M>(BK, false) - 128 ? async_bytes
+                                                                       : dev::scratch_bytes<M>(BK, false) - 128;
   static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4;
   KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return main_bytes + table_bytes + 128; }
   static int max_experts() { return static_cast<int>(main_bytes / sizeof(int)); }
@@ -242,7 +247,11 @@ struct EsmmDeviceKernel {
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     if constexpr (mma_bf16) {
-      main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+      if (vec_x && vec_w && async) {
+        main_loop_bf16_async(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+      } else {
+        main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+      }
     } else {
       main_loop_f32(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
     }
@@ -268,6 +277,10 @@ HEXAMOE_UNROLL
           if ((c >> 6) == half) stage[dev::acc_row<M>(tid, i) * LD + (c & 63)] = acc[i][j];
         }
       team.team_barrier();
+      if (pairs) {
+        epilogue_pairs(stage, rflat, rscale, rgate, e, p0, rows, c0 + half * 64, cols - half * 64, tid);
+        continue;
+      }
       int const c = tid & 63;
       int const n = c0 + half * 64 + c;
       if (half * 64 + c >= cols) continue;
@@ -297,10 +310,150 @@ HEXAMOE_UNROLL
     }
   }
 
+  // The epilogue for 64 staged columns (n0 .. n0 + 63, `cols` of them valid)
+  // with two adjacent columns per thread: 8- or 4-byte loads and stores
+  // (launched only when every output row holds an even count of aligned
+  // elements, so that pairs never straddle rows). Thread tid owns columns
+  // 2 (tid % 32) + {0, 1} and every eighth row from tid / 32, four rows at a
+  // time (their act' inputs are read before any store: they may alias).
+  template <class V>
+  struct alignas(2 * sizeof(V)) Two {
+    V v[2];
+  };
+  KOKKOS_INLINE_FUNCTION void epilogue_pairs(float const *stage, int const *rflat, Acc const *rscale,
+                                             Acc const *rgate, int e, int p0, int rows, int n0, int cols,
+                                             int tid) const {
+    constexpr int LD = dev::LDE;
+    auto const &ep = k.ep;
+    int const c = (tid & 31) * 2, n = n0 + c, topk = k.R.top_k;
+    if (c >= cols) return;
+    bool const agrad = ep.act_grad_of.data() != nullptr;
+    bool const want_act = ep.post.data() != nullptr || ep.token_out.data() != nullptr;
+    Acc b0 = Acc(0), b1 = Acc(0);
+    if (k.has_bias) {
+      Two<TW> const b = *reinterpret_cast<Two<TW> const *>(&k.bias(e, n));
+      b0 = to_acc<Acc>(b.v[0]);
+      b1 = to_acc<Acc>(b.v[1]);
+    }
+    for (int r0 = tid >> 5; r0 < rows; r0 += 32) {
+      Two<TY> z[4];
+HEXAMOE_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        int const r = r0 + 8 * q;
+        if (agrad && r < rows) z[q] = *reinterpret_cast<Two<TY> const *>(&ep.act_grad_of(p0 + r, n));
+      }
+HEXAMOE_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        int const r = r0 + 8 * q;
+        if (r >= rows) break;
+        int const p = p0 + r;
+        dev::Float2 const sv = *reinterpret_cast<dev::Float2 const *>(stage + r * LD + c);
+        Acc v0 = rscale[r] * static_cast<Acc>(sv.v[0]) + b0, v1 = rscale[r] * static_cast<Acc>(sv.v[1]) + b1;
+        if (agrad) {
+          v0 *= activate_grad(ep.act, to_acc<Acc>(z[q].v[0]));
+          v1 *= activate_grad(ep.act, to_acc<Acc>(z[q].v[1]));
+        }
+        if (ep.pre.data() != nullptr) *reinterpret_cast<Two<TY> *>(&ep.pre(p, n)) = Two<TY>{{from_acc<TY>(v0), from_acc<TY>(v1)}};
+        if (want_act) {
+          Acc const a0 = agrad ? v0 : activate(ep.act, v0), a1 = agrad ? v1 : activate(ep.act, v1);
+          if (ep.post.data() != nullptr) *reinterpret_cast<Two<TY> *>(&ep.post(p, n)) = Two<TY>{{from_acc<TY>(a0), from_acc<TY>(a1)}};
+          if (ep.token_out.data() != nullptr)
+            *reinterpret_cast<Two<TY> *>(&ep.token_out(rflat[r] / topk, n)) =
+                Two<TY>{{from_acc<TY>(rgate[r] * a0), from_acc<TY>(rgate[r] * a1)}};
+        }
+      }
+    }
+  }
+
   // Pointer to the X row of tile row r (null past the valid rows).
   KOKKOS_INLINE_FUNCTION TX const *x_row(int const *rflat, int p0, int rows, int r) const {
     if (r >= rows) return nullptr;
     return &k.x.rows(k.x.row(p0 + r, rflat[r], k.R.top_k), 0);
+  }
+
+  // bf16 with 16-byte aligned rows: asynchronous copies (no registers) into
+  // PSH stages of k = 16, so that PSH - 1 stages of loads are in flight while
+  // the tensor cores work on the oldest; one barrier per stage. Each thread
+  // copies one 16-byte chunk of A and one of B per stage; chunks past the
+  // valid rows, columns or K are zero-filled by the copy itself.
+  KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, int const *rflat,
+                                                   float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
+                                                   int tid) const {
+    if constexpr (mma_bf16) {
+      constexpr int PK = dev::PKH, PS = dev::PSH;
+      constexpr unsigned stage_bytes = BM * PK * sizeof(bfloat16);
+      int const K = k.K;
+      // Scratch: PS x A [BM][PK] (rows m, sw16), then PS x B [PK][BN] (rows k,
+      // sw128) or [BN][PK] (rows n, sw16); addresses in the shared state space.
+      unsigned const sA = dev::smem_u32(smem), sB = sA + PS * stage_bytes;
+      // This thread's chunk of each stage: A row tid / 2, 8 columns at 8 (tid % 2);
+      // B likewise when transposed, else row tid / 16, 8 columns at 8 (tid % 16).
+      // Source pointers advance by one stage per issue; `rem` counts the
+      // elements left in the chunk's row (A, W^T) or the k rows left (W).
+      int const ar = tid >> 1, ac = (tid & 1) * 8;
+      TX const *xa = x_row(rflat, p0, rows, ar);
+      char const *dummy = reinterpret_cast<char const *>(k.w.data());  // aligned; read for no byte
+      char const *a_src = xa ? reinterpret_cast<char const *>(xa + ac) : dummy;
+      int a_rem = xa ? K - ac : 0;
+      unsigned const a_dst = sA + 2u * static_cast<unsigned>(dev::sw16(ar, ac));
+      char const *b_src;
+      int b_rem, b_bytes = 16;
+      unsigned b_dst;
+      std::size_t b_step;
+      if constexpr (TransW) {
+        int const br = tid >> 1, bc = (tid & 1) * 8;
+        b_src = br < cols ? reinterpret_cast<char const *>(&k.w(e, c0 + br, bc)) : dummy;
+        b_rem = br < cols ? K - bc : 0;
+        b_dst = sB + 2u * static_cast<unsigned>(dev::sw16(br, bc));
+        b_step = PK * sizeof(TW);
+      } else {
+        int const br = tid >> 4, bc = (tid & 15) * 8;
+        int const bn = cols - bc < 0 ? 0 : (cols - bc > 8 ? 8 : cols - bc);
+        b_src = bn > 0 ? reinterpret_cast<char const *>(&k.w(e, br < K ? br : 0, c0 + bc)) : dummy;
+        b_rem = bn > 0 ? K - br : 0;
+        b_bytes = 2 * bn;
+        b_dst = sB + 2u * static_cast<unsigned>(dev::sw128(br, bc));
+        b_step = std::size_t(PK) * k.w.stride_1() * sizeof(TW);
+      }
+      int slot_w = 0;  // the stage the next issue fills
+      auto issue = [&]() {
+        int const an = a_rem < 0 ? 0 : (a_rem > 8 ? 8 : a_rem);
+        dev::cp_async16_at(a_dst + slot_w * stage_bytes, an > 0 ? a_src : dummy, 2 * an);
+        int bb;
+        if constexpr (TransW) {
+          bb = 2 * (b_rem < 0 ? 0 : (b_rem > 8 ? 8 : b_rem));
+        } else {
+          bb = b_rem > 0 ? b_bytes : 0;
+        }
+        dev::cp_async16_at(b_dst + slot_w * stage_bytes, bb > 0 ? b_src : dummy, bb);
+        a_src += PK * sizeof(TX);
+        a_rem -= PK;
+        b_src += b_step;
+        b_rem -= PK;
+        slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
+      };
+      unsigned a_ld[4], b_ld[2];
+      dev::ldsm_addresses<false, TransW>(a_ld, b_ld, sA, sB, tid);
+      int const warp = tid >> 5;
+      bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
+      int const nk = (K + PK - 1) / PK;
+      for (int s = 0; s < PS - 1; ++s) {
+        if (s < nk) issue();
+        dev::cp_async_commit();  // empty groups keep the count uniform
+      }
+      int slot_r = 0;
+      for (int kt = 0; kt < nk; ++kt) {
+        dev::cp_async_wait<PS - 2>();  // this thread's copies of stage kt have landed
+        team.team_barrier();           // everyone's have; stage kt - 1 is free again
+        if (kt + PS - 1 < nk) issue();
+        dev::cp_async_commit();
+        if (active) dev::mma_k16_bf16<false, TransW>(acc, a_ld, b_ld, slot_r * stage_bytes);
+        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
+      }
+      dev::cp_async_wait<0>();
+    } else {
+      (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
+    }
   }
 
   KOKKOS_INLINE_FUNCTION void main_loop_bf16(member_type const &team, bfloat16 *smem, int const *rflat,
@@ -451,6 +604,15 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
   int const row_tiles = (S + dev::BM - 1) / dev::BM + E;  // upper bound on sum_e ceil(count_e / BM)
   auto b = base;
   b.col_tiles = col_tiles;
+  // Pairs of output elements: every row an even count of aligned elements.
+  auto even_rows = [](auto const &v) {
+    using V = typename std::decay_t<decltype(v)>::value_type;
+    return v.data() == nullptr ||
+           (v.stride_0() % 2 == 0 && reinterpret_cast<std::uintptr_t>(v.data()) % (2 * sizeof(V)) == 0);
+  };
+  auto const &ep = base.ep;
+  bool const pairs = base.N % 2 == 0 && even_rows(ep.pre) && even_rows(ep.post) && even_rows(ep.act_grad_of) &&
+                     even_rows(ep.token_out) && (!base.has_bias || even_rows(base.bias));
   auto run = [&](auto kernel) {
     using Kernel = decltype(kernel);
     // Light weight: the functor travels as a kernel argument (a constant-memory
@@ -462,9 +624,9 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
     Kokkos::parallel_for(dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T" : ""), policy, kernel);
   };
   if (base.transpose_w) {
-    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w});
+    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, dev::async_copies(), pairs});
   } else {
-    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w});
+    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, dev::async_copies(), pairs});
   }
 }
 
@@ -487,6 +649,9 @@ bool esmm_on_device_engine(ExecutionSpace const &space, EsmmKernel<ExecutionSpac
         return true;
       case dev::Math::tf32_mma:
         if constexpr (std::is_same_v<X, float>) launch_esmm_device<dev::Math::tf32_mma>(space, base, S, E);
+        return true;
+      case dev::Math::tf32x3_mma:
+        if constexpr (std::is_same_v<X, float>) launch_esmm_device<dev::Math::tf32x3_mma>(space, base, S, E);
         return true;
       case dev::Math::simt:
         if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<X, float>)  // bf16 on CUDA: mma

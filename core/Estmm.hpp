@@ -12,6 +12,8 @@
 
 #include "Esmm.hpp"
 
+#include <algorithm>
+
 namespace hexamoe {
 namespace detail {
 
@@ -149,19 +151,35 @@ struct EstmmDeviceKernel {
 
   Base k;
   bool vec_a, vec_b;
+  bool async;  // asynchronous copies allowed (dev::async_copies())
+  // Split of each expert's positions into `splits` consecutive ranges (so
+  // that few, long tiles still fill the device): range 0 writes out and
+  // bias_out, range s > 0 its partial sums to part (s - 1), which
+  // add_partials then adds in order (deterministic).
+  int splits;
+  Kokkos::View<float *, MemorySpace> part;
 
-  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return dev::scratch_bytes<M>(BK, lo); }
+  static constexpr bool async_ok = mma_bf16 && !Scaled;  // operands copied as they are stored
+  static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * dev::PKH * BM * sizeof(bfloat16) + 128;
+  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() {
+    return async_ok && async_bytes > dev::scratch_bytes<M>(BK, lo) ? async_bytes : dev::scratch_bytes<M>(BK, lo);
+  }
 
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
     auto const &R = k.R;
-    int const league = team.league_rank();
+    int const split = team.league_rank() % splits;
+    int const league = team.league_rank() / splits;
     int const nt = league % k.n_tiles;
     int const mt = (league / k.n_tiles) % k.m_tiles;
     int const e = league / (k.n_tiles * k.m_tiles);
     int const m0 = mt * BM, n0 = nt * BN;
     int const rows = (k.M - m0) < BM ? (k.M - m0) : BM;
     int const cols = (k.N - n0) < BN ? (k.N - n0) : BN;
-    int const pbeg = R.offsets(e), pend = R.offsets(e + 1);
+    // This split's positions: ranges of a multiple of 32 (whole k steps).
+    int const ebeg = R.offsets(e), eend = R.offsets(e + 1);
+    int const chunk = ((eend - ebeg + splits - 1) / splits + 31) / 32 * 32;
+    int const pbeg = ebeg + split * chunk < eend ? ebeg + split * chunk : eend;
+    int const pend = pbeg + chunk < eend ? pbeg + chunk : eend;
     bool const do_bias = k.bias_out.data() != nullptr && mt == 0;
     int const tid = team.team_rank();
     void *smem = team.team_shmem().get_shmem_aligned(scratch() - 128, 128);
@@ -171,20 +189,40 @@ struct EstmmDeviceKernel {
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     float bsum = 0.f;  // fused ESS: thread tid < BN sums column tid
     if constexpr (mma_bf16) {
-      main_loop_bf16(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
+      if (async_ok && vec_a && vec_b && async) {
+        main_loop_bf16_async(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols,
+                             tid);
+      } else {
+        main_loop_bf16(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
+      }
     } else {
       main_loop_f32(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
     }
     using TOut = typename Base::Acc;
-    for (int i = 0; i < 8; ++i) {
-      int const r = dev::acc_row<M>(tid, i);
-      if (r >= rows) continue;
-      for (int j = 0; j < 8; ++j) {
-        int const c = dev::acc_col<M>(tid, j);
-        if (c < cols) k.out(e, m0 + r, n0 + c) = static_cast<TO>(static_cast<TOut>(acc[i][j]));
+    if (split == 0) {
+      for (int i = 0; i < 8; ++i) {
+        int const r = dev::acc_row<M>(tid, i);
+        if (r >= rows) continue;
+        for (int j = 0; j < 8; ++j) {
+          int const c = dev::acc_col<M>(tid, j);
+          if (c < cols) k.out(e, m0 + r, n0 + c) = static_cast<TO>(static_cast<TOut>(acc[i][j]));
+        }
       }
+      if (do_bias && tid < cols) k.bias_out(e, n0 + tid) = static_cast<TO>(static_cast<TOut>(bsum));
+    } else {
+      std::size_t const EMN = std::size_t(k.R.num_experts) * k.M * k.N;
+      float *w = part.data() + std::size_t(split - 1) * EMN;
+      for (int i = 0; i < 8; ++i) {
+        int const r = dev::acc_row<M>(tid, i);
+        if (r >= rows) continue;
+        for (int j = 0; j < 8; ++j) {
+          int const c = dev::acc_col<M>(tid, j);
+          if (c < cols) w[(std::size_t(e) * k.M + m0 + r) * k.N + n0 + c] = acc[i][j];
+        }
+      }
+      if (do_bias && tid < cols)
+        part((splits - 1) * EMN + (std::size_t(split - 1) * k.R.num_experts + e) * k.N + n0 + tid) = bsum;
     }
-    if (do_bias && tid < cols) k.bias_out(e, n0 + tid) = static_cast<TO>(static_cast<TOut>(bsum));
   }
 
   // The loads of a k step read rows through flat ids fetched one step earlier
@@ -202,6 +240,66 @@ struct EstmmDeviceKernel {
         sa = static_cast<float>(k.a.scale(flat));
         sb = static_cast<float>(k.b.scale(flat));
       }
+    }
+  }
+
+  // Unscaled bf16 operands with 16-byte aligned rows: asynchronous copies into
+  // PSH stages of 16 positions (see the ESMM kernel); the flat ids of a stage
+  // are read one stage before its copies are issued.
+  KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, float (&acc)[8][8],
+                                                   float &bsum, bool do_bias, int pbeg, int pend, int m0, int rows,
+                                                   int n0, int cols, int tid) const {
+    if constexpr (async_ok) {
+      constexpr int PK = dev::PKH, PS = dev::PSH;
+      constexpr unsigned stage_bytes = PK * BM * sizeof(bfloat16);
+      bfloat16 const *sBp = smem + PS * PK * BM;  // PS x [PK][BN] (rows p, sw128), after PS x A [PK][BM]
+      unsigned const sA = dev::smem_u32(smem), sB = sA + PS * stage_bytes;
+      // This thread copies position row tid / 16 of each stage, 8 columns at
+      // 8 (tid % 16) of A and of B.
+      int const pr = tid >> 4, cc = (tid & 15) * 8;
+      int const an = rows - cc < 0 ? 0 : (rows - cc > 8 ? 8 : rows - cc);
+      int const bn = cols - cc < 0 ? 0 : (cols - cc > 8 ? 8 : cols - cc);
+      unsigned const dst = 2u * static_cast<unsigned>(dev::sw128(pr, cc));
+      void const *dummy = k.a.rows.data();  // aligned; read for no byte
+      int fl = fetch_flat(pbeg + pr, pend);  // flat id of the next stage's row
+      int p = pbeg + pr, slot_w = 0;
+      auto issue = [&]() {
+        TA const *ap = row_ptr(k.a, p, fl, m0 + cc);
+        TB const *bp = row_ptr(k.b, p, fl, n0 + cc);
+        unsigned const off = slot_w * stage_bytes + dst;
+        dev::cp_async16_at(sA + off, ap && an > 0 ? static_cast<void const *>(ap) : dummy, ap ? 2 * an : 0);
+        dev::cp_async16_at(sB + off, bp && bn > 0 ? static_cast<void const *>(bp) : dummy, bp ? 2 * bn : 0);
+        p += PK;
+        fl = fetch_flat(p, pend);
+        slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
+      };
+      unsigned a_ld[4], b_ld[2];
+      dev::ldsm_addresses<true, false>(a_ld, b_ld, sA, sB, tid);
+      int const warp = tid >> 5;
+      bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
+      int const nk = (pend - pbeg + PK - 1) / PK;
+      for (int s = 0; s < PS - 1; ++s) {
+        if (s < nk) issue();
+        dev::cp_async_commit();
+      }
+      int slot_r = 0;
+      for (int kt = 0; kt < nk; ++kt) {
+        dev::cp_async_wait<PS - 2>();
+        team.team_barrier();
+        if (kt + PS - 1 < nk) issue();
+        dev::cp_async_commit();
+        if (active) dev::mma_k16_bf16<true, false>(acc, a_ld, b_ld, slot_r * stage_bytes);
+        if (do_bias && tid < BN) {
+          bfloat16 const *sb = sBp + slot_r * (PK * BM);
+HEXAMOE_UNROLL
+          for (int kk = 0; kk < PK; ++kk) bsum += static_cast<float>(sb[dev::sw128(kk, tid)]);
+        }
+        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
+      }
+      dev::cp_async_wait<0>();
+    } else {
+      (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
+          (void)n0, (void)cols, (void)tid;
     }
   }
 
@@ -341,6 +439,61 @@ struct EstmmDeviceKernel {
   }
 };
 
+// A float buffer in MemorySpace shared by every ESTMM call (the partial sums
+// of split position ranges), grown on demand and released at Kokkos::finalize.
+// ESTMM calls on different execution space instances must not overlap in time.
+template <class MemorySpace>
+Kokkos::View<float *, MemorySpace> split_workspace(std::size_t n) {
+  static Kokkos::View<float *, MemorySpace> *ws = nullptr;
+  if (ws == nullptr) {
+    ws = new Kokkos::View<float *, MemorySpace>();
+    Kokkos::push_finalize_hook([] {
+      delete ws;
+      ws = nullptr;
+    });
+  }
+  if (ws->extent(0) < n) {
+    *ws = Kokkos::View<float *, MemorySpace>();  // release first (the release waits for the device)
+    *ws = Kokkos::View<float *, MemorySpace>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::split_partials"),
+                                             n + n / 4);  // headroom: the next call's shape may differ a little
+  }
+  return *ws;
+}
+
+// How many position ranges each expert's ESTMM tiles split into: enough
+// tiles for about four waves of two teams per streaming multiprocessor (from
+// the space's concurrency, 2048 threads each), at most 3 (the partials' memory
+// is (splits - 1) E M N floats), and ranges of 32 positions or more on average.
+template <class ExecutionSpace>
+int estmm_splits(ExecutionSpace const &space, int tiles, int assignments, int E) {
+  long const slots = std::max<long>(1, static_cast<long>(space.concurrency()) / 1024);
+  long const want = (4 * slots + tiles - 1) / std::max(1, tiles);
+  long const by_len = std::max(1, assignments / std::max(1, E)) / 32;
+  return static_cast<int>(std::max<long>(1, std::min<long>({3, want, by_len})));
+}
+
+template <class ExecutionSpace, class TO, class MemorySpace>
+struct AddPartials {
+  Kokkos::View<TO ***, Kokkos::LayoutRight, MemorySpace> out;
+  Kokkos::View<TO **, Kokkos::LayoutRight, MemorySpace> bias_out;
+  Kokkos::View<float *, MemorySpace> part;
+  int splits, M, N;
+  std::size_t EMN;
+  KOKKOS_INLINE_FUNCTION void operator()(std::size_t i) const {
+    if (i < EMN) {
+      float v = static_cast<float>(out.data()[i]);
+      for (int s = 1; s < splits; ++s) v += part(std::size_t(s - 1) * EMN + i);
+      out.data()[i] = static_cast<TO>(v);
+    } else if (bias_out.data() != nullptr) {
+      std::size_t const j = i - EMN;  // e * N + n
+      float v = static_cast<float>(bias_out.data()[j]);
+      std::size_t const EN = bias_out.extent(0) * bias_out.extent(1);
+      for (int s = 1; s < splits; ++s) v += part(std::size_t(splits - 1) * EMN + std::size_t(s - 1) * EN + j);
+      bias_out.data()[j] = static_cast<TO>(v);
+    }
+  }
+};
+
 template <dev::Math M, class ExecutionSpace, class TA, class TB, class TO, class MemorySpace>
 void launch_estmm_device(ExecutionSpace const &space, EstmmKernel<ExecutionSpace, TA, TB, TO, MemorySpace> const &base,
                          int E) {
@@ -351,19 +504,31 @@ void launch_estmm_device(ExecutionSpace const &space, EstmmKernel<ExecutionSpace
   b.m_tiles = (base.M + dev::BM - 1) / dev::BM;
   b.n_tiles = (base.N + dev::BN - 1) / dev::BN;
   bool const scaled = base.a.source == RowSource::token_gated || base.b.source == RowSource::token_gated;
+  int const tiles = E * b.m_tiles * b.n_tiles;
+  int const splits = estmm_splits(space, tiles, base.R.num_assignments(), E);
+  std::size_t const EMN = std::size_t(E) * base.M * base.N, EN = std::size_t(E) * base.N;
+  Kokkos::View<float *, MemorySpace> part;
+  if (splits > 1) part = split_workspace<MemorySpace>(std::size_t(splits - 1) * (EMN + EN));
   auto run = [&](auto kernel) {
     using Kernel = decltype(kernel);
     auto policy = Kokkos::Experimental::require(
-        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, E * b.m_tiles * b.n_tiles, dev::NT),
+        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, tiles * splits, dev::NT),
         Kokkos::Experimental::WorkItemProperty::HintLightWeight);  // no constant-memory launch (host wait)
     policy.set_scratch_size(0, Kokkos::PerTeam(Kernel::scratch()));
     Kokkos::parallel_for(dev::kernel_label("hexamoe::estmm", M, scaled ? ", gated" : ""), policy, kernel);
   };
   if (scaled) {
-    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, true>{b, vec_a, vec_b});
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, true>{b, vec_a, vec_b, dev::async_copies(),
+                                                                             splits, part});
   } else {
-    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, false>{b, vec_a, vec_b});
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, false>{b, vec_a, vec_b, dev::async_copies(),
+                                                                              splits, part});
   }
+  if (splits > 1)
+    Kokkos::parallel_for("hexamoe::estmm_add_partials",
+                         Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, EMN + EN),
+                         AddPartials<ExecutionSpace, TO, MemorySpace>{base.out, base.bias_out, part, splits, base.M,
+                                                                      base.N, EMN});
 }
 
 // Device dispatch: returns false where the generic tile must run.
@@ -384,6 +549,9 @@ bool estmm_on_device_engine(ExecutionSpace const &space,
         return true;
       case dev::Math::tf32_mma:
         if constexpr (std::is_same_v<A, float>) launch_estmm_device<dev::Math::tf32_mma>(space, base, E);
+        return true;
+      case dev::Math::tf32x3_mma:
+        if constexpr (std::is_same_v<A, float>) launch_estmm_device<dev::Math::tf32x3_mma>(space, base, E);
         return true;
       case dev::Math::simt:
         if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<A, float>)  // bf16 on CUDA: mma

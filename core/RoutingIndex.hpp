@@ -37,7 +37,7 @@ struct RoutingIndex {
   Kokkos::View<int *, MemorySpace> position;     // [S] sorted position of flat id, -1 if dropped
   Kokkos::View<int *, MemorySpace> workspace;    // (expert, chunk) cursors of the last build (reused by rebuilds)
 
-  int num_assignments() const { return num_tokens * top_k; }
+  KOKKOS_INLINE_FUNCTION int num_assignments() const { return num_tokens * top_k; }
 
   // Per-expert counts on the host (for logging and load-balance reports).
   std::vector<int> counts_host() const {

@@ -15,9 +15,9 @@
 //
 // The expert operators on devices use the larger engine in namespace `dev`
 // below (128 x 128 tiles, 256 threads, register-staged double-buffered
-// scratch, 16-byte loads): on CUDA with tensor cores (mma.sync: bf16 operands,
-// or tf32 for float32 storage when HEXAMOE_TF32=1), elsewhere and for exact
-// float32 with an 8 x 8 register-blocked FMA micro-kernel. The generic tile
+// scratch, 16-byte loads): on CUDA with tensor cores (mma.sync: bf16 operands;
+// float32 storage as three tf32 products, or one when asked), elsewhere and
+// with HEXAMOE_F32_MATH=fma with an 8 x 8 register-blocked FMA micro-kernel. The generic tile
 // above remains for double and mixed storage types.
 #pragma once
 
@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -197,16 +198,42 @@ enum class Math {
   simt,      // float accumulators from FMA on float32 or bf16 operands (any device)
   bf16_mma,  // CUDA tensor cores, bf16 operands, float32 accumulation
   tf32_mma,  // CUDA tensor cores, float32 storage rounded to tf32 (opt-in)
+  tf32x3_mma,  // CUDA tensor cores, float32 storage as tf32 hi + lo, three products
 };
 
-// tf32 for float32 storage: off by default (float32 results then keep float32
-// accuracy); HEXAMOE_TF32=1 in the environment or set_tf32(true) turns it on.
-inline bool &tf32_flag() {
-  static bool on = [] {
-    char const *v = std::getenv("HEXAMOE_TF32");
-    return v != nullptr && v[0] == '1';
+// How float32 expert GEMMs run on CUDA:
+// - fma (default): the 8 x 8 register-blocked FMA micro-kernel (exact float32
+//   products, float32 sums);
+// - tf32x3 (opt-in): each operand x is split into hi = tf32(x) and
+//   lo = tf32(x - hi) (22 significant bits together) and the tensor cores add
+//   hi*hi' + hi*lo' + lo*hi': the dropped lo*lo' term and the two roundings
+//   leave at most 3 * 2^-22 |x w| per product (CUTLASS's 3xTF32 split). The
+//   tensor cores' float32 accumulation is not round-to-nearest, though: on
+//   H200 the layer's output ends about 10x further from float64 than with
+//   fma (1.4e-5 against 1.4e-6 relative, docs/PERFORMANCE.md), for about 15%
+//   less time;
+// - tf32 (opt-in): one tf32 product (10 mantissa bits per operand, relative
+//   error near 4e-4).
+// HEXAMOE_F32_MATH=fma|tf32x3|tf32 in the environment picks one (HEXAMOE_TF32=1
+// is the older spelling of tf32); an unknown value is an error that names it.
+// Other backends always use the FMA kernel.
+enum class Float32Math { fma, tf32x3, tf32 };
+
+inline Float32Math parse_float32_math(char const *v) {
+  std::string const s = v == nullptr ? "" : v;
+  if (s.empty() || s == "fma") return Float32Math::fma;
+  if (s == "tf32x3") return Float32Math::tf32x3;
+  if (s == "tf32") return Float32Math::tf32;
+  throw std::invalid_argument("HEXAMOE_F32_MATH='" + s + "' is not one of tf32x3, fma, tf32");
+}
+
+inline Float32Math &float32_math() {
+  static Float32Math m = [] {
+    char const *t = std::getenv("HEXAMOE_TF32");
+    if (t != nullptr && t[0] == '1') return Float32Math::tf32;
+    return parse_float32_math(std::getenv("HEXAMOE_F32_MATH"));
   }();
-  return on;
+  return m;
 }
 
 template <class ExecutionSpace>
@@ -227,7 +254,12 @@ Math math_for() {
   } else if constexpr (std::is_same_v<A, bfloat16>) {
     return is_cuda<ExecutionSpace> ? Math::bf16_mma : Math::simt;
   } else if constexpr (std::is_same_v<A, float>) {
-    return is_cuda<ExecutionSpace> && tf32_flag() ? Math::tf32_mma : Math::simt;
+    if (!is_cuda<ExecutionSpace>) return Math::simt;
+    switch (float32_math()) {
+      case Float32Math::tf32: return Math::tf32_mma;
+      case Float32Math::tf32x3: return Math::tf32x3_mma;
+      default: return Math::simt;
+    }
   } else {
     return Math::generic;
   }
@@ -235,7 +267,8 @@ Math math_for() {
 
 constexpr int BM = 128, BN = 128, NT = 256;  // output tile, threads per team
 constexpr int BKF = 16, LDF = BM + 8;        // float scratch: k step, row pitch (floats)
-constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM
+constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM (register-staged)
+constexpr int PKH = 16, PSH = 5;             // bf16 ESMM with asynchronous copies: k step, stages
 constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
 
 // 16 bytes of operand data in registers.
@@ -245,10 +278,15 @@ struct alignas(16) Vec16 {
 struct alignas(16) Float4 {
   float v[4];
 };
+struct alignas(8) Float2 {
+  float v[2];
+};
 
 // Kernel labels name the arithmetic (Kokkos Tools show where time goes).
 inline std::string kernel_label(char const *op, Math m, char const *variant) {
-  return std::string(op) + (m == Math::bf16_mma ? "[bf16 mma" : m == Math::tf32_mma ? "[tf32 mma" : "[fma") + variant +
+  return std::string(op) +
+         (m == Math::bf16_mma ? "[bf16 mma" : m == Math::tf32_mma ? "[tf32 mma" : m == Math::tf32x3_mma ? "[3xtf32 mma" : "[fma") +
+         variant +
          "]";
 }
 
@@ -269,13 +307,25 @@ KOKKOS_INLINE_FUNCTION constexpr std::size_t scratch_bytes(int bk, bool lo) {
 // 16-byte rows of an ldmatrix hit distinct banks.
 KOKKOS_INLINE_FUNCTION int sw32(int r, int c) { return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3) + (c & 7); }
 KOKKOS_INLINE_FUNCTION int sw128(int r, int c) { return r * 128 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7); }
+// Rows of 16 (2 chunks): rows 4..7 of every 8 take the other chunk first.
+KOKKOS_INLINE_FUNCTION int sw16(int r, int c) { return r * 16 + ((((c >> 3) ^ (r >> 2)) & 1) << 3) + (c & 7); }
+// The swizzle of bf16 tiles whose rows hold BK (16 or 32) elements.
+template <int BK>
+KOKKOS_INLINE_FUNCTION int swk(int r, int c) {
+  static_assert(BK == 16 || BK == 32, "bf16 tiles have rows of 16 or 32 elements");
+  if constexpr (BK == 16) {
+    return sw16(r, c);
+  } else {
+    return sw32(r, c);
+  }
+}
 
 // Rows and columns (within the tile) of a thread's 8 x 8 accumulators.
 // Tensor cores: warps as 2 (m) x 4 (n), each 64 x 32, m16n8 blocks; SIMT:
 // a 16 x 16 thread grid, each thread rows {4ty.., 64+4ty..}, columns likewise.
 template <Math M>
 KOKKOS_INLINE_FUNCTION int acc_row(int tid, int i) {
-  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma) {
+  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma || M == Math::tf32x3_mma) {
     return ((tid >> 5) >> 2) * 64 + (i >> 1) * 16 + ((tid & 31) >> 2) + (i & 1) * 8;
   } else {
     return (i < 4 ? 0 : 64) + (tid >> 4) * 4 + (i & 3);
@@ -283,7 +333,7 @@ KOKKOS_INLINE_FUNCTION int acc_row(int tid, int i) {
 }
 template <Math M>
 KOKKOS_INLINE_FUNCTION int acc_col(int tid, int j) {
-  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma) {
+  if constexpr (M == Math::bf16_mma || M == Math::tf32_mma || M == Math::tf32x3_mma) {
     return ((tid >> 5) & 3) * 32 + (j >> 1) * 8 + (tid & 3) * 2 + (j & 1);
   } else {
     return (j < 4 ? 0 : 64) + (tid & 15) * 4 + (j & 3);
@@ -347,6 +397,45 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
   return reinterpret_cast<std::uintptr_t>(data) % (std::size_t(width) * sizeof(T)) == 0 && pitch % width == 0;
 }
 
+// --- asynchronous copies (CUDA sm_80+; a plain copy elsewhere) ---------------
+
+// Whether the bf16 expert kernels may stage operands with asynchronous copies
+// (default yes; HEXAMOE_ASYNC_COPY=0 in the environment selects the
+// register-staged double buffer, for comparison and diagnosis).
+inline bool &async_copies() {
+  static bool on = [] {
+    char const *v = std::getenv("HEXAMOE_ASYNC_COPY");
+    return v == nullptr || v[0] != '0';
+  }();
+  return on;
+}
+
+// 16 bytes from global src to shared dst without passing through registers;
+// only the first src_bytes (0..16) are read, the rest of dst is zero-filled.
+// src must be 16-byte aligned (and valid even when src_bytes is 0).
+KOKKOS_INLINE_FUNCTION void cp_async16(void *dst, void const *src, int src_bytes) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned const d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+#else
+  unsigned char *o = static_cast<unsigned char *>(dst);
+  unsigned char const *i = static_cast<unsigned char const *>(src);
+  for (int b = 0; b < 16; ++b) o[b] = b < src_bytes ? i[b] : static_cast<unsigned char>(0);
+#endif
+}
+KOKKOS_INLINE_FUNCTION void cp_async_commit() {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+KOKKOS_INLINE_FUNCTION void cp_async_wait() {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // --- tensor-core primitives (CUDA device code; no-ops elsewhere) -------------
 
 KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
@@ -380,6 +469,45 @@ KOKKOS_INLINE_FUNCTION void ldsm_x4_t(unsigned (&r)[4], void const *p) {
 #else
   (void)p;
   r[0] = r[1] = r[2] = r[3] = 0u;
+#endif
+}
+
+// The 32-bit shared-state address of a team scratch pointer (0 off CUDA).
+KOKKOS_INLINE_FUNCTION unsigned smem_u32(void const *p) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+#else
+  (void)p;
+  return 0u;
+#endif
+}
+
+// ldmatrix x4 (plain or transposed) from a shared-state address.
+template <bool Trans>
+KOKKOS_INLINE_FUNCTION void ldsm_x4_at(unsigned (&r)[4], unsigned a) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+#else
+  (void)a;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+#endif
+}
+
+// cp_async16 to a shared-state address (CUDA device code only; a no-op elsewhere,
+// where the kernels that call it never run).
+KOKKOS_INLINE_FUNCTION void cp_async16_at(unsigned dst, void const *src, int src_bytes) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#else
+  (void)dst, (void)src, (void)src_bytes;
 #endif
 }
 
@@ -420,11 +548,18 @@ KOKKOS_INLINE_FUNCTION unsigned float_bits(float x) {
   return v.u;
 }
 
+// x as tf32 hi + lo: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact).
+KOKKOS_INLINE_FUNCTION void split_tf32(float x, unsigned &hi, unsigned &lo) {
+  float const h = to_tf32(x);
+  hi = float_bits(h);
+  lo = float_bits(to_tf32(x - h));
+}
+
 // --- one staged k step of the 128 x 128 tile ---------------------------------
 
-// bf16 tensor cores. A is [BM][BK] (rows m, sw32; BK = 32) or, with A_KM,
+// bf16 tensor cores. A is [BM][BK] (rows m, swk<BK>) or, with A_KM,
 // [BK][BM] (rows k, sw128); B is [BK][BN] (rows k, sw128) or, with B_NK,
-// [BN][BK] (rows n, sw32; BK = 32). With lo, a second B (the low half of a
+// [BN][BK] (rows n, swk<BK>). With lo, a second B (the low half of a
 // split operand) is multiplied by the same A fragments.
 template <int BK, bool A_KM, bool B_NK, bool LO>
 KOKKOS_INLINE_FUNCTION void mma_step_bf16(float (&acc)[8][8], bfloat16 const *sA, bfloat16 const *sB,
@@ -438,7 +573,7 @@ KOKKOS_INLINE_FUNCTION void mma_step_bf16(float (&acc)[8][8], bfloat16 const *sA
       if constexpr (A_KM) {
         ldsm_x4_t(a[mi], sA + sw128(ks + (lane & 7) + ((lane >> 4) << 3), mb + ((lane >> 3) & 1) * 8));
       } else {
-        ldsm_x4(a[mi], sA + sw32(mb + (lane & 15), ks + (lane >> 4) * 8));
+        ldsm_x4(a[mi], sA + swk<BK>(mb + (lane & 15), ks + (lane >> 4) * 8));
       }
     }
     for (int part = 0; part < (LO ? 2 : 1); ++part) {
@@ -448,7 +583,7 @@ KOKKOS_INLINE_FUNCTION void mma_step_bf16(float (&acc)[8][8], bfloat16 const *sA
         int const nb = wn0 + nj * 8;
         unsigned r[4];
         if constexpr (B_NK) {
-          ldsm_x4(r, sb + sw32(nb + (lane & 7) + (lane >> 4) * 8, ks + ((lane >> 3) & 1) * 8));
+          ldsm_x4(r, sb + swk<BK>(nb + (lane & 7) + (lane >> 4) * 8, ks + ((lane >> 3) & 1) * 8));
         } else {
           ldsm_x4_t(r, sb + sw128(ks + (lane & 7) + ((lane >> 3) & 1) * 8, nb + (lane >> 4) * 8));
         }
@@ -462,6 +597,54 @@ KOKKOS_INLINE_FUNCTION void mma_step_bf16(float (&acc)[8][8], bfloat16 const *sA
           mma_bf16(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
                    a[mi], b[ni][0], b[ni][1]);
     }
+  }
+}
+
+// One k = 16 step of the 128 x 128 bf16 tile with the ldmatrix addresses of
+// this thread precomputed (see ldsm_addresses) plus the stage's byte offset:
+// A is [16][BM] rows k (A_KM, sw128) or [BM][16] rows m (sw16); B is
+// [BN][16] rows n (B_NK, sw16) or [16][BN] rows k (sw128).
+template <bool A_KM, bool B_NK>
+KOKKOS_INLINE_FUNCTION void mma_k16_bf16(float (&acc)[8][8], unsigned const (&a_ld)[4], unsigned const (&b_ld)[2],
+                                         unsigned off) {
+  unsigned a[4][4], b[4][2];
+HEXAMOE_UNROLL
+  for (int mi = 0; mi < 4; ++mi) ldsm_x4_at<A_KM>(a[mi], a_ld[mi] + off);
+HEXAMOE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    unsigned r[4];
+    ldsm_x4_at<!B_NK>(r, b_ld[h] + off);
+    b[2 * h][0] = r[0];
+    b[2 * h][1] = r[1];
+    b[2 * h + 1][0] = r[2];
+    b[2 * h + 1][1] = r[3];
+  }
+HEXAMOE_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+HEXAMOE_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      mma_bf16(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+               a[mi], b[ni][0], b[ni][1]);
+}
+
+// This thread's ldmatrix addresses for mma_k16_bf16 (stage 0; sA, sB the
+// shared-state addresses of the A and B tiles).
+template <bool A_KM, bool B_NK>
+KOKKOS_INLINE_FUNCTION void ldsm_addresses(unsigned (&a_ld)[4], unsigned (&b_ld)[2], unsigned sA, unsigned sB,
+                                           int tid) {
+  int const lane = tid & 31, warp = tid >> 5;
+  int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+  for (int mi = 0; mi < 4; ++mi) {
+    int const mb = wm0 + mi * 16;
+    int const e = A_KM ? sw128((lane & 7) + ((lane >> 4) << 3), mb + ((lane >> 3) & 1) * 8)
+                       : sw16(mb + (lane & 15), (lane >> 4) * 8);
+    a_ld[mi] = sA + 2u * static_cast<unsigned>(e);
+  }
+  for (int h = 0; h < 2; ++h) {
+    int const nb = wn0 + h * 16;
+    int const e = B_NK ? sw16(nb + (lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8)
+                       : sw128((lane & 7) + ((lane >> 3) & 1) * 8, nb + (lane >> 4) * 8);
+    b_ld[h] = sB + 2u * static_cast<unsigned>(e);
   }
 }
 
@@ -493,6 +676,37 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
         for (int ni = 0; ni < 4; ++ni)
           mma_tf32(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
                    a[mi], b[ni][0], b[ni][1]);
+    }
+  } else if constexpr (M == Math::tf32x3_mma) {
+    // Scratch holds float32; fragments are split as they are read (b for the
+    // whole warp tile, a one 16-row block at a time to bound the registers).
+    int const lane = tid & 31, warp = tid >> 5;
+    int const g = lane >> 2, t = lane & 3;
+    int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+    for (int ks = 0; ks < BKF; ks += 8) {
+      unsigned bh[4][2], bl[4][2];
+      float const *q0 = sB + (ks + t) * LDF, *q1 = sB + (ks + t + 4) * LDF;
+      for (int ni = 0; ni < 4; ++ni) {
+        int const n = wn0 + ni * 8 + g;
+        split_tf32(q0[n], bh[ni][0], bl[ni][0]);
+        split_tf32(q1[n], bh[ni][1], bl[ni][1]);
+      }
+      float const *r0 = sA + (ks + t) * LDF, *r1 = sA + (ks + t + 4) * LDF;
+      for (int mi = 0; mi < 4; ++mi) {
+        int const m = wm0 + mi * 16 + g;
+        unsigned ah[4], al[4];
+        split_tf32(r0[m], ah[0], al[0]);
+        split_tf32(r0[m + 8], ah[1], al[1]);
+        split_tf32(r1[m], ah[2], al[2]);
+        split_tf32(r1[m + 8], ah[3], al[3]);
+        for (int ni = 0; ni < 4; ++ni) {
+          float &d0 = acc[2 * mi][2 * ni], &d1 = acc[2 * mi][2 * ni + 1];
+          float &d2 = acc[2 * mi + 1][2 * ni], &d3 = acc[2 * mi + 1][2 * ni + 1];
+          mma_tf32(d0, d1, d2, d3, al, bh[ni][0], bh[ni][1]);  // small terms first
+          mma_tf32(d0, d1, d2, d3, ah, bl[ni][0], bl[ni][1]);
+          mma_tf32(d0, d1, d2, d3, ah, bh[ni][0], bh[ni][1]);
+        }
+      }
     }
   } else {
     int const ty = tid >> 4, tx = tid & 15;

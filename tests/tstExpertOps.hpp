@@ -2,11 +2,21 @@
 // reference, for float, bfloat16 and double storage.
 //
 // Error bound (asserted per element): the operands are drawn in float64 and
-// stored in T (unit roundoff u_s: 2^-24 float, 2^-9 bfloat16, 2^-53 double),
+// stored in T (unit roundoff u_s: 2^-24 float, 2^-8 bfloat16, 2^-53 double),
 // accumulated in Acc (u_a: 2^-24 float, 2^-53 double) over K terms, and the
 // result is stored in T again. Hence
 //   |y - y_ref| <= L * ((2 u_s + (K + 2) u_a) * sum_k |x_k w_k| + u_s |y_ref|) + 8 u_a |y_ref|
 // with L = 1.2 bounding |act'| (gelu, silu, relu) when an activation is applied.
+//
+// float32 on CUDA runs each way the operators offer (HEXAMOE_F32_MATH), with
+// the bound of that arithmetic:
+// - fma: as above;
+// - tf32x3: x = hi + lo + d with |d| <= 2^-22 |x| (two roundings to tf32,
+//   unit roundoff 2^-11), and hi*hi' + hi*lo' + lo*hi' misses lo*lo' and the
+//   d terms: at most 3 * 2^-22 = 12 u_a per |x_k w_k|; the tensor cores add
+//   three products per term and may truncate, so the accumulation counts 3K
+//   additions at 2 u_a each;
+// - tf32: one tf32 product, 2 * 2^-11 per |x_k w_k|, accumulation as tf32x3.
 #include "Reference.hpp"
 #include "core/Estmm.hpp"
 
@@ -29,7 +39,7 @@ template <class T>
 double storage_roundoff() {
   if constexpr (std::is_same_v<T, double>) return std::ldexp(1.0, -53);
   if constexpr (std::is_same_v<T, float>) return std::ldexp(1.0, -24);
-  return std::ldexp(1.0, -9);
+  return std::ldexp(1.0, -8);  // 8 significant bits
 }
 template <class T>
 double acc_roundoff() {
@@ -41,14 +51,24 @@ struct Shape {
   bool skewed;
 };
 
+// The arithmetic of float32 expert GEMMs under test (see the file comment).
+struct Float32Arith {
+  double product = 0;    // error per |x_k w_k| from the operands' rounding
+  int adds_per_term = 1;  // accumulator additions per reduction term
+  double acc_scale = 1;   // accumulation roundoff in units of u_a
+};
+Float32Arith float32_arith;
+
 // Compare value by value against the reference and its bound; count failures.
 template <class T>
 void expect_within(Vec const &got, Vec const &ref, Vec const &abssum, int K, double lip, char const *what) {
   double const us = storage_roundoff<T>(), ua = acc_roundoff<T>();
+  Float32Arith const ar = std::is_same_v<T, float> ? float32_arith : Float32Arith{};
+  double const per_term = 2 * us + ar.product + (double(ar.adds_per_term) * K + 2) * ar.acc_scale * ua;
   int bad = 0;
   double worst = 0.0;
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    double const bound = lip * ((2 * us + (K + 2) * ua) * abssum[i] + us * std::fabs(ref[i])) + 8 * ua * std::fabs(ref[i]) + 1e-300;
+    double const bound = lip * (per_term * abssum[i] + us * std::fabs(ref[i])) + 8 * ua * std::fabs(ref[i]) + 1e-300;
     double const err = std::fabs(got[i] - ref[i]);
     if (!(err <= bound)) {
       if (bad < 5) ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", reference " << ref[i] << ", bound " << bound;
@@ -201,10 +221,13 @@ void run_esmm_token_out(Shape sh, unsigned seed) {
 }
 
 // ESTMM(x gathered, g*dy gathered) with fused ESS, and standalone ESS.
+// gated: dy rows scaled by the gates (as in the layer's dW2), else plain (dW1).
 template <class T>
-void run_estmm(Shape sh, unsigned seed) {
+void run_estmm(Shape sh, unsigned seed, bool gated = true) {
   using Acc = accumulator_t<T>;
   Problem<T> P(sh, seed);
+  if (!gated)
+    for (auto &v : P.g) v = 1.0;
   int const E = sh.E, M = sh.K, N = sh.N, S = P.S();
   V3<Acc> gw("gw", E, M, N);
   V2<Acc> gb("gb", E, N), gb2("gb2", E, N);
@@ -212,8 +235,9 @@ void run_estmm(Shape sh, unsigned seed) {
   test::poison<Acc>(gb);
   test::poison<Acc>(gb2);
   auto gate = Kokkos::View<Acc const *, Mem>(P.g_d);
-  estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), gated_token_rows(V2<T const>(P.dy_d), gate), gw, gb);
-  ess(Space(), P.R, gated_token_rows(V2<T const>(P.dy_d), gate), gb2);
+  auto const dy = gated ? gated_token_rows(V2<T const>(P.dy_d), gate) : token_rows(V2<T const>(P.dy_d));
+  estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), dy, gw, gb);
+  ess(Space(), P.R, dy, gb2);
   Vec rw(std::size_t(E) * M * N, 0.0), aw(rw.size(), 0.0), rb(std::size_t(E) * N, 0.0), ab(rb.size(), 0.0);
   std::vector<int> cnt(E, 0);
   for (int f = 0; f < S; ++f) {
@@ -248,6 +272,13 @@ std::vector<Shape> const shapes = {
     {60, 4, 4, 19, 130, false},  // k = E
     {7, 1, 16, 24, 17, true},    // most experts empty
     {301, 2, 8, 131, 70, true},  // skewed, K past one host chunk
+    // Extents that are multiples of 8 (16-byte bf16 rows: the asynchronous
+    // copies of the device kernels) but not of the tiles or k steps, the last
+    // with reductions of over 256 (ESMM forward over K = 272, transposed over
+    // N = 264). Device ESTMMs split the positions of {200, 1, 1, ...} and
+    // {333, 2, 8, ...} into ranges.
+    {333, 2, 8, 40, 72, true},
+    {150, 1, 3, 272, 264, false},
 };
 
 template <class T>
@@ -261,10 +292,44 @@ void run_all(char const *name) {
     run_esmm_transposed_actgrad<T>(sh, seed++);
     run_esmm_token_out<T>(sh, seed++);
     run_estmm<T>(sh, seed++);
+    run_estmm<T>(sh, seed++, /*gated=*/false);
   }
 }
 
-TEST(ExpertOps, Float32AgainstFloat64Reference) { run_all<float>("float"); }
+// Every float32 arithmetic this backend has (one on backends without tensor cores).
+TEST(ExpertOps, Float32AgainstFloat64Reference) {
+  using detail::dev::Float32Math;
+  Float32Math const saved = detail::dev::float32_math();
+  bool const tensor_cores = detail::dev::is_cuda<Space>;
+  double const u = std::ldexp(1.0, -24);
+  std::vector<std::pair<Float32Math, Float32Arith>> modes = {{Float32Math::fma, {}}};
+  if (tensor_cores) {
+    modes.push_back({Float32Math::tf32x3, {12 * u, 3, 2}});
+    modes.push_back({Float32Math::tf32, {std::ldexp(1.0, -10), 1, 2}});
+  }
+  for (auto const &[mode, arith] : modes) {
+    detail::dev::float32_math() = mode;
+    float32_arith = arith;
+    run_all<float>(mode == Float32Math::fma ? "float (fma)" : mode == Float32Math::tf32x3 ? "float (tf32x3)" : "float (tf32)");
+  }
+  detail::dev::float32_math() = saved;
+  float32_arith = {};
+}
+
+TEST(ExpertOps, Float32MathSettingIsChecked) {
+  using detail::dev::Float32Math;
+  using detail::dev::parse_float32_math;
+  EXPECT_EQ(parse_float32_math(nullptr), Float32Math::fma);
+  EXPECT_EQ(parse_float32_math("fma"), Float32Math::fma);
+  EXPECT_EQ(parse_float32_math("tf32"), Float32Math::tf32);
+  EXPECT_EQ(parse_float32_math("tf32x3"), Float32Math::tf32x3);
+  try {
+    parse_float32_math("fp16");
+    ADD_FAILURE() << "an unknown HEXAMOE_F32_MATH value was accepted";
+  } catch (std::invalid_argument const &e) {
+    EXPECT_NE(std::string(e.what()).find("HEXAMOE_F32_MATH='fp16'"), std::string::npos) << e.what();
+  }
+}
 TEST(ExpertOps, BFloat16AgainstFloat64Reference) { run_all<bfloat16>("bfloat16"); }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
 

@@ -801,6 +801,9 @@ TEST(Parallel, StackBenchRunsEachModeAndRefusesBadDecks) {
   std::vector<std::string> args = {"hexamoe", "bench", "--deck", deck};
   if (world_rank() == world_size() - 1) args.insert(args.end(), {"--set", "moe.top_k=9"});
   expect_collective_error(args, "moe.top_k");
+  // The layer benchmark refuses shapes and storage types it does not know.
+  expect_collective_error({"hexamoe", "bench", "--only", "swinS-s3-top1,swinS-s9"}, "unknown shape 'swinS-s9'");
+  expect_collective_error({"hexamoe", "bench", "--dtype", "fp16"}, "unknown dtype 'fp16'");
 }
 
 }  // namespace

@@ -277,7 +277,12 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
             if line.startswith("{"):
                 r = json.loads(line)
                 if r.get("impl") == "hexamoe":
-                    ours[(r["cfg"], r["dtype"])] = r
+                    # One row per (shape, dtype, arithmetic): float32 may run as
+                    # 3xtf32 or fma (same precision) or tf32 (compared with the
+                    # tf32 matrix rate, not with the float32 peers).
+                    math = r.get("math", "")
+                    dt = "tf32" if math == "tf32" else r["dtype"]
+                    ours[(r["cfg"], dt, math)] = r
     for line in open(peers_path):
         line = line.strip()
         if not line.startswith("{"):
@@ -289,9 +294,10 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
             peers.setdefault((r["cfg"], r["dtype"]), {})[r["impl"]] = r
     by_name = {s["name"]: s for s in SHAPES}
     print("| shape | dtype | hexamoe fwd / f+b ms | padded fwd / f+b ms | loop fwd / f+b ms | grouped fwd / f+b ms"
-          " | f+b speedup vs fastest peer | peak extra MiB ours / padded (ratio) | fwd floor ms (% of floor) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (cfg, dt), r in ours.items():
+          " | f+b speedup vs fastest peer | peak extra MiB ours / padded (ratio) | fwd floor ms (% of floor)"
+          " | max rel diff to float64: ours / peers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (cfg, dt, math), r in ours.items():
         s = by_name.get(cfg)
         if s is None:
             continue
@@ -318,8 +324,12 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
             rate = roof["matmul_%s_TFLOPs" % {"bfloat16": "bf16", "tf32": "tf32"}.get(dt, "fp32")] * 1e12
             t = max(flops_fwd(s) / rate, bytes_fwd(s, esize) / (roof["copy_GBs"] * 1e9)) * 1e3
             floor = "%.3f (%.0f%%)" % (t, 100 * t / r["fwd_ms"])
-        print("| %s | %s | %.3f / %.3f | %s | %s | %s | %s | %s | %s |" % (
-            cfg, dt, r["fwd_ms"], r["fwdbwd_ms"], cells[0], cells[1], cells[2], speed, mem, floor))
+        errs = [q["max_rel_diff_fp64"] for q in p.values() if "max_rel_diff_fp64" in q]
+        acc = "%s / %s" % ("%.1e" % r["max_rel_diff_fp64"] if "max_rel_diff_fp64" in r else "-",
+                           ("%.1e-%.1e" % (min(errs), max(errs))) if errs else "-")
+        label = "%s (%s)" % (dt, math) if dt == "float32" and math else dt
+        print("| %s | %s | %.3f / %.3f | %s | %s | %s | %s | %s | %s | %s |" % (
+            cfg, label, r["fwd_ms"], r["fwdbwd_ms"], cells[0], cells[1], cells[2], speed, mem, floor, acc))
     if roof:
         print("\nCeilings measured in the same call: %s; bf16 %.0f, fp32 %.1f, tf32 %.0f TFLOP/s (torch.matmul,"
               " 8192^3 random); copy %.0f GB/s (read + write)." % (
