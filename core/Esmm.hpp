@@ -277,9 +277,11 @@ HEXAMOE_UNROLL
           if ((c >> 6) == half) stage[dev::acc_row<M>(tid, i) * LD + (c & 63)] = acc[i][j];
         }
       team.team_barrier();
-      if (pairs) {
-        epilogue_pairs(stage, rflat, rscale, rgate, e, p0, rows, c0 + half * 64, cols - half * 64, tid);
-        continue;
+      if constexpr (mma_bf16) {  // (float: measured slower, register pressure of the FMA kernel)
+        if (pairs) {
+          epilogue_pairs(stage, rflat, rscale, rgate, e, p0, rows, c0 + half * 64, cols - half * 64, tid);
+          continue;
+        }
       }
       int const c = tid & 63;
       int const n = c0 + half * 64 + c;

@@ -443,8 +443,12 @@ HEXAMOE_UNROLL
 // of split position ranges), grown on demand and released at Kokkos::finalize.
 // ESTMM calls on different execution space instances must not overlap in time.
 template <class MemorySpace>
-Kokkos::View<float *, MemorySpace> split_workspace(std::size_t n) {
+Kokkos::View<float *, MemorySpace> split_workspace(std::size_t n, bool release = false) {
   static Kokkos::View<float *, MemorySpace> *ws = nullptr;
+  if (release) {
+    if (ws != nullptr) *ws = Kokkos::View<float *, MemorySpace>();
+    return {};
+  }
   if (ws == nullptr) {
     ws = new Kokkos::View<float *, MemorySpace>();
     Kokkos::push_finalize_hook([] {
@@ -458,6 +462,12 @@ Kokkos::View<float *, MemorySpace> split_workspace(std::size_t n) {
                                              n + n / 4);  // headroom: the next call's shape may differ a little
   }
   return *ws;
+}
+
+// Frees the shared partials buffer (benchmarks measuring one layer's peak).
+template <class MemorySpace>
+void release_split_workspace() {
+  split_workspace<MemorySpace>(0, true);
 }
 
 // How many position ranges each expert's ESTMM tiles split into: enough
