@@ -407,7 +407,6 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   long win_steps = 0;
   auto win_start = Clock::now();
   EvalResult last_eval{};
-  bool evaluated_at_end = false;
   auto const &params = opt.parameters();
   if (root && !topt.quiet)
     std::cout << "hexamoe train: " << deck.run.name << ", " << data.train.count << " training / " << data.test.count
@@ -509,7 +508,6 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
     bool const eval_now = deck.train.eval_every > 0 ? step % deck.train.eval_every == 0 : epoch_end;
     if (eval_now || step == total) {
       last_eval = evaluate(model, data.test, deck.train.eval_batch_size, comm);
-      evaluated_at_end = step == total;
       if (root && !topt.quiet) {
         bar.clear();
         std::cout << "eval at step " << step << ": test loss " << std::fixed << std::setprecision(4) << last_eval.loss
@@ -533,7 +531,6 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
       break;
     }
   }
-  (void)evaluated_at_end;
   bar.clear();
   sum.steps = step;
   sum.test_loss = last_eval.loss;
