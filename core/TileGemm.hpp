@@ -397,7 +397,7 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
   return reinterpret_cast<std::uintptr_t>(data) % (std::size_t(width) * sizeof(T)) == 0 && pitch % width == 0;
 }
 
-// --- asynchronous copies (CUDA sm_80+; a plain copy elsewhere) ---------------
+// --- asynchronous copies (CUDA sm_80+) ----------------------------------------
 
 // Whether the bf16 expert kernels may stage operands with asynchronous copies
 // (default yes; HEXAMOE_ASYNC_COPY=0 in the environment selects the
@@ -410,19 +410,6 @@ inline bool &async_copies() {
   return on;
 }
 
-// 16 bytes from global src to shared dst without passing through registers;
-// only the first src_bytes (0..16) are read, the rest of dst is zero-filled.
-// src must be 16-byte aligned (and valid even when src_bytes is 0).
-KOKKOS_INLINE_FUNCTION void cp_async16(void *dst, void const *src, int src_bytes) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned const d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-#else
-  unsigned char *o = static_cast<unsigned char *>(dst);
-  unsigned char const *i = static_cast<unsigned char const *>(src);
-  for (int b = 0; b < 16; ++b) o[b] = b < src_bytes ? i[b] : static_cast<unsigned char>(0);
-#endif
-}
 KOKKOS_INLINE_FUNCTION void cp_async_commit() {
 #if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -445,30 +432,6 @@ KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
   return __uint_as_float(r);
 #else
   return x;
-#endif
-}
-
-KOKKOS_INLINE_FUNCTION void ldsm_x4(unsigned (&r)[4], void const *p) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
-  unsigned const a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#else
-  (void)p;
-  r[0] = r[1] = r[2] = r[3] = 0u;
-#endif
-}
-
-KOKKOS_INLINE_FUNCTION void ldsm_x4_t(unsigned (&r)[4], void const *p) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
-  unsigned const a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#else
-  (void)p;
-  r[0] = r[1] = r[2] = r[3] = 0u;
 #endif
 }
 
@@ -501,8 +464,15 @@ KOKKOS_INLINE_FUNCTION void ldsm_x4_at(unsigned (&r)[4], unsigned a) {
 #endif
 }
 
-// cp_async16 to a shared-state address (CUDA device code only; a no-op elsewhere,
-// where the kernels that call it never run).
+// ldmatrix x4 (plain, transposed) from a generic pointer into team scratch.
+KOKKOS_INLINE_FUNCTION void ldsm_x4(unsigned (&r)[4], void const *p) { ldsm_x4_at<false>(r, smem_u32(p)); }
+KOKKOS_INLINE_FUNCTION void ldsm_x4_t(unsigned (&r)[4], void const *p) { ldsm_x4_at<true>(r, smem_u32(p)); }
+
+// 16 bytes from global src to the shared-state address dst without passing
+// through registers (sm_80+); only the first src_bytes (0..16) are read, the
+// rest of dst is zero-filled; src must be 16-byte aligned (and valid even when
+// src_bytes is 0). CUDA device code only: a no-op elsewhere, where the kernels
+// that call it never run.
 KOKKOS_INLINE_FUNCTION void cp_async16_at(unsigned dst, void const *src, int src_bytes) {
 #if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");

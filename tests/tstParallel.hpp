@@ -32,6 +32,7 @@
 
 #include "app/Commands.hpp"
 #include "app/Trainer.hpp"
+#include "bench/LayerBench.hpp"
 #include "core/MemoryTracker.hpp"
 #include "core/MoeLayer.hpp"
 #include "io/Checkpoint.hpp"
@@ -804,6 +805,35 @@ TEST(Parallel, StackBenchRunsEachModeAndRefusesBadDecks) {
   // The layer benchmark refuses shapes and storage types it does not know.
   expect_collective_error({"hexamoe", "bench", "--only", "swinS-s3-top1,swinS-s9"}, "unknown shape 'swinS-s9'");
   expect_collective_error({"hexamoe", "bench", "--dtype", "fp16"}, "--dtype: fp16 not in");
+}
+
+// hexamoe bench's float64 check (plain loops over the stored operands, on the
+// routing the router chose) against the layer it times: float32 output within
+// float32 rounding, bf16 output off by about bf16 rounding (so the check does
+// not compare the output with itself).
+TEST(Parallel, LayerBenchChecksOutputAgainstFloat64) {
+  bench::BenchOptions o;
+  o.only = {"swinS-s3-top1"};
+  o.token_scale = 0.004;  // 58 tokens
+  o.reps = 1;
+  o.warmup = 0;
+  o.baseline = false;
+  o.json = true;
+  std::ostringstream out;
+  ASSERT_EQ(bench::run_layer_bench(o, out), 0);
+  std::map<std::string, double> diff;
+  std::istringstream lines(out.str());
+  for (std::string line; std::getline(lines, line);) {
+    auto const d = line.find("\"dtype\": \""), m = line.find("\"max_rel_diff_fp64\": ");
+    if (d == std::string::npos || m == std::string::npos) continue;
+    std::string const dtype = line.substr(d + 10, line.find('"', d + 10) - (d + 10));
+    diff[dtype] = std::stod(line.substr(m + 21));
+  }
+  ASSERT_EQ(diff.count("float32"), 1u) << out.str();
+  ASSERT_EQ(diff.count("bfloat16"), 1u) << out.str();
+  EXPECT_LT(diff["float32"], 1e-5);
+  EXPECT_GT(diff["bfloat16"], 2e-4);
+  EXPECT_LT(diff["bfloat16"], 2e-2);
 }
 
 }  // namespace
