@@ -14,11 +14,13 @@
 //   an RM x RN block of accumulators in registers for the whole reduction.
 //
 // The expert operators on devices use the larger engine in namespace `dev`
-// below (128 x 128 tiles, 256 threads, register-staged double-buffered
-// scratch, 16-byte loads): on CUDA with tensor cores (mma.sync: bf16 operands;
-// float32 storage as three tf32 products, or one when asked), elsewhere and
-// with HEXAMOE_F32_MATH=fma with an 8 x 8 register-blocked FMA micro-kernel. The generic tile
-// above remains for double and mixed storage types.
+// below (128 x 128 tiles, 256 threads, 16-byte loads into team scratch:
+// asynchronous copies in five stages for aligned bf16 on CUDA, else a
+// register-staged double buffer): bf16 on CUDA with tensor cores (mma.sync);
+// float32, and bf16 elsewhere, with an 8 x 8 register-blocked FMA
+// micro-kernel unless HEXAMOE_F32_MATH asks for tensor cores (three tf32
+// products, or one). The generic tile above remains for double and mixed
+// storage types.
 #pragma once
 
 #include "BFloat16.hpp"
@@ -210,7 +212,7 @@ enum class Math {
 //   leave at most 3 * 2^-22 |x w| per product (CUTLASS's 3xTF32 split). The
 //   tensor cores' float32 accumulation is not round-to-nearest, though: on
 //   H200 the layer's output ends about 10x further from float64 than with
-//   fma (1.4e-5 against 1.4e-6 relative, docs/PERFORMANCE.md), for about 15%
+//   fma (1.4e-5 against 1.4e-6 relative, docs/PERFORMANCE.md), for about 13%
 //   less time;
 // - tf32 (opt-in): one tf32 product (10 mantissa bits per operand, relative
 //   error near 4e-4).
@@ -224,7 +226,7 @@ inline Float32Math parse_float32_math(char const *v) {
   if (s.empty() || s == "fma") return Float32Math::fma;
   if (s == "tf32x3") return Float32Math::tf32x3;
   if (s == "tf32") return Float32Math::tf32;
-  throw std::invalid_argument("HEXAMOE_F32_MATH='" + s + "' is not one of tf32x3, fma, tf32");
+  throw std::invalid_argument("HEXAMOE_F32_MATH='" + s + "' is not one of fma, tf32x3, tf32");
 }
 
 inline Float32Math &float32_math() {
