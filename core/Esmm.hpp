@@ -552,7 +552,21 @@ HEXAMOE_UNROLL
       }
       std::size_t const ldw = TransW ? 0 : k.w.stride_1();
       dev::Float4 ra[2], rb[2];
+      // Full tiles of 16-byte rows with K a multiple of the k step (most
+      // tiles) load without per-element bounds.
+      bool const full = vec_x && vec_w && rows == BM && cols == BN && K % BKF == 0;
       auto load = [&](int k0) {
+        if (full) {
+          for (int i = 0; i < 2; ++i) {
+            ra[i] = dev::load4_full(xa[i] + k0 + ac);
+            if constexpr (TransW) {
+              rb[i] = dev::load4_full(wb[i] + k0 + bc);
+            } else {
+              rb[i] = dev::load4_full(wb[i] + (k0 + (tid >> 5) + 8 * i) * ldw);
+            }
+          }
+          return;
+        }
         for (int i = 0; i < 2; ++i) {
           ra[i] = dev::load4(xa[i] ? xa[i] + k0 + ac : nullptr, xa[i] ? K - k0 - ac : 0, vec_x);
           if constexpr (TransW) {

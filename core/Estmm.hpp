@@ -389,13 +389,22 @@ HEXAMOE_UNROLL
       auto fetch = [&](int p0) {
         for (int i = 0; i < 2; ++i) fl[i] = fetch_flat(p0 + (tid >> 5) + 8 * i, pend);
       };
+      // Full tiles of 16-byte rows load a whole k step of valid positions
+      // without per-element bounds (all but the last step of a range).
+      bool const full = vec_a && vec_b && rows == BM && cols == BN;
       auto load = [&](int p0) {
+        bool const fast = full && p0 + BKF <= pend;
         for (int i = 0; i < 2; ++i) {
           int const p = p0 + (tid >> 5) + 8 * i;
           TA const *ap = row_ptr(k.a, p, fl[i], m0 + cc);
           TB const *bp = row_ptr(k.b, p, fl[i], n0 + cc);
-          ra[i] = dev::load4(ap, ap ? rows - cc : 0, vec_a);
-          rb[i] = dev::load4(bp, bp ? cols - cc : 0, vec_b);
+          if (fast) {
+            ra[i] = dev::load4_full(ap);
+            rb[i] = dev::load4_full(bp);
+          } else {
+            ra[i] = dev::load4(ap, ap ? rows - cc : 0, vec_a);
+            rb[i] = dev::load4(bp, bp ? cols - cc : 0, vec_b);
+          }
           scales(fl[i], sa[i], sb[i]);
         }
       };

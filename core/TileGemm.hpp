@@ -204,29 +204,32 @@ enum class Math {
 };
 
 // How float32 expert GEMMs run on CUDA:
-// - fma (default): the 8 x 8 register-blocked FMA micro-kernel (exact float32
-//   products, float32 sums);
-// - tf32x3 (opt-in): each operand x is split into hi = tf32(x) and
-//   lo = tf32(x - hi) (22 significant bits together) and the tensor cores add
-//   hi*hi' + hi*lo' + lo*hi': the dropped lo*lo' term and the two roundings
-//   leave at most 3 * 2^-22 |x w| per product (CUTLASS's 3xTF32 split). The
-//   tensor cores' float32 accumulation is not round-to-nearest, though: on
-//   H200 the layer's output ends about 10x further from float64 than with
-//   fma (1.4e-5 against 1.4e-6 relative, docs/PERFORMANCE.md), for about 13%
-//   less time;
+// - tf32x3 (default): each operand x is split into hi = tf32(x) (rounded to
+//   nearest) and lo = x - hi, of which the tensor cores read the top 11
+//   significant bits, and they add hi*hi' + hi*lo' + lo*hi' (CUTLASS's fast
+//   3xTF32 split): at most 2^-21 |x| is lost per operand and 2^-22 |x w| per
+//   product with lo*lo'. The tensor cores' float32 sums truncate, so they only
+//   ever sum one k step of 8 (three products per term, from zero); that block
+//   sum is added to the accumulator with a float32 add that rounds to
+//   nearest. Measured on H200, the layer's output is closer to float64 than
+//   with fma (5.1e-7 against 1.4e-6 relative on Swin-MoE-S stage 3,
+//   docs/PERFORMANCE.md) in less time. (Summing the whole reduction on the
+//   tensor cores instead, as before, ended at 1.4e-5.)
+// - fma: the 8 x 8 register-blocked FMA micro-kernel (exact float32 products,
+//   float32 sums, one rounding per term);
 // - tf32 (opt-in): one tf32 product (10 mantissa bits per operand, relative
 //   error near 4e-4).
-// HEXAMOE_F32_MATH=fma|tf32x3|tf32 in the environment picks one (HEXAMOE_TF32=1
+// HEXAMOE_F32_MATH=tf32x3|fma|tf32 in the environment picks one (HEXAMOE_TF32=1
 // is the older spelling of tf32); an unknown value is an error that names it.
 // Other backends always use the FMA kernel.
 enum class Float32Math { fma, tf32x3, tf32 };
 
 inline Float32Math parse_float32_math(char const *v) {
   std::string const s = v == nullptr ? "" : v;
-  if (s.empty() || s == "fma") return Float32Math::fma;
-  if (s == "tf32x3") return Float32Math::tf32x3;
+  if (s.empty() || s == "tf32x3") return Float32Math::tf32x3;
+  if (s == "fma") return Float32Math::fma;
   if (s == "tf32") return Float32Math::tf32;
-  throw std::invalid_argument("HEXAMOE_F32_MATH='" + s + "' is not one of fma, tf32x3, tf32");
+  throw std::invalid_argument("HEXAMOE_F32_MATH='" + s + "' is not one of tf32x3, fma, tf32");
 }
 
 inline Float32Math &float32_math() {
@@ -373,6 +376,9 @@ KOKKOS_INLINE_FUNCTION Float4 load4(bfloat16 const *p, int avail, bool vec) {
   for (int j = 0; j < 4 && j < avail; ++j) r.v[j] = static_cast<float>(p[j]);
   return r;
 }
+// Four values as float from a 16-byte (float) or 8-byte (bf16) aligned p, all valid.
+KOKKOS_INLINE_FUNCTION Float4 load4_full(float const *p) { return *reinterpret_cast<Float4 const *>(p); }
+KOKKOS_INLINE_FUNCTION Float4 load4_full(bfloat16 const *p) { return load4(p, 4, true); }
 KOKKOS_INLINE_FUNCTION float bf16_at(Vec16 const &v, int j) {
   return bfloat16::to_float(static_cast<std::uint16_t>(v.u[j >> 1] >> ((j & 1) * 16)));
 }
@@ -501,13 +507,26 @@ KOKKOS_INLINE_FUNCTION void mma_bf16(float &d0, float &d1, float &d2, float &d3,
 KOKKOS_INLINE_FUNCTION void mma_tf32(float &d0, float &d1, float &d2, float &d3, unsigned const (&a)[4], unsigned b0,
                                      unsigned b1) {
 #if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
   (void)d0, (void)d1, (void)d2, (void)d3, (void)a, (void)b0, (void)b1;
+#endif
+}
+
+// d (16 x 8, float) = a b, starting from zero.
+KOKKOS_INLINE_FUNCTION void mma_tf32_zero(float (&d)[4], unsigned const (&a)[4], unsigned b0, unsigned b1) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+#else
+  (void)a, (void)b0, (void)b1;
+  d[0] = d[1] = d[2] = d[3] = 0.f;
 #endif
 }
 
@@ -520,11 +539,21 @@ KOKKOS_INLINE_FUNCTION unsigned float_bits(float x) {
   return v.u;
 }
 
-// x as tf32 hi + lo: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact).
+// x as tf32 hi + lo (CUTLASS's fast 3xTF32 split): hi is x rounded to the
+// nearest tf32, ties away from zero, on the bits (two integer operations; as
+// cvt.rna.tf32.f32 for finite x); lo = x - hi is exact, and the tensor cores
+// read its top 19 bits, so |x - hi - lo_read| < 2^-10 |lo| <= 2^-21 |x|.
+// An infinite x gives lo = NaN (inf - inf), so products with it are NaN.
 KOKKOS_INLINE_FUNCTION void split_tf32(float x, unsigned &hi, unsigned &lo) {
-  float const h = to_tf32(x);
-  hi = float_bits(h);
-  lo = float_bits(to_tf32(x - h));
+  union {
+    float f;
+    unsigned u;
+  } h, l;
+  h.f = x;
+  h.u = (h.u + 0x1000u) & 0xffffe000u;
+  l.f = x - h.f;
+  hi = h.u;
+  lo = l.u;
 }
 
 // --- one staged k step of the 128 x 128 tile ---------------------------------
@@ -652,6 +681,11 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
   } else if constexpr (M == Math::tf32x3_mma) {
     // Scratch holds float32; fragments are split as they are read (b for the
     // whole warp tile, a one 16-row block at a time to bound the registers).
+    // For each 16 x 8 block, the three products of a k step of 8 start from
+    // zero on the tensor cores (term by term across the four column blocks,
+    // so that consecutive tensor-core instructions are independent) and
+    // their sum is added to the accumulator in float32, rounded to nearest:
+    // the tensor cores' truncating sums never carry a running total.
     int const lane = tid & 31, warp = tid >> 5;
     int const g = lane >> 2, t = lane & 3;
     int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
@@ -671,12 +705,15 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
         split_tf32(r0[m + 8], ah[1], al[1]);
         split_tf32(r1[m], ah[2], al[2]);
         split_tf32(r1[m + 8], ah[3], al[3]);
+        float d[4][4];
+        for (int ni = 0; ni < 4; ++ni) mma_tf32_zero(d[ni], al, bh[ni][0], bh[ni][1]);  // small terms first
+        for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bl[ni][0], bl[ni][1]);
+        for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bh[ni][0], bh[ni][1]);
         for (int ni = 0; ni < 4; ++ni) {
-          float &d0 = acc[2 * mi][2 * ni], &d1 = acc[2 * mi][2 * ni + 1];
-          float &d2 = acc[2 * mi + 1][2 * ni], &d3 = acc[2 * mi + 1][2 * ni + 1];
-          mma_tf32(d0, d1, d2, d3, al, bh[ni][0], bh[ni][1]);  // small terms first
-          mma_tf32(d0, d1, d2, d3, ah, bl[ni][0], bl[ni][1]);
-          mma_tf32(d0, d1, d2, d3, ah, bh[ni][0], bh[ni][1]);
+          acc[2 * mi][2 * ni] += d[ni][0];
+          acc[2 * mi][2 * ni + 1] += d[ni][1];
+          acc[2 * mi + 1][2 * ni] += d[ni][2];
+          acc[2 * mi + 1][2 * ni + 1] += d[ni][3];
         }
       }
     }
