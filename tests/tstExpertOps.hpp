@@ -337,6 +337,59 @@ TEST(ExpertOps, Float32MathSettingIsChecked) {
     EXPECT_NE(std::string(e.what()).find("HEXAMOE_F32_MATH='fp16'"), std::string::npos) << e.what();
   }
 }
+// A long reduction of positive terms: additions rounded to nearest err either
+// way, so their sum stays near sqrt(K) u of the result, while an accumulator
+// that truncates errs one way every time, about K u. At K = 4096 each float32
+// arithmetic with float32 accumulation (fma, and tf32x3 with its rounded
+// block sums) must stay within 256 u = 2^-16 of float64 on float-stored
+// operands; summing the whole reduction on the tensor cores, as tf32x3 once
+// did, measured 4.9e-5 here on an H200 (the file comment's bounds allow both).
+TEST(ExpertOps, Float32LongReductionStaysNearFloat64) {
+  using detail::dev::Float32Math;
+  int const T = 64, E = 2, K = 4096, N = 32;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> pos(0.5, 1.0);
+  Vec x(std::size_t(T) * K), w(std::size_t(E) * K * N);
+  for (auto &v : x) v = static_cast<double>(static_cast<float>(pos(rng)));
+  for (auto &v : w) v = static_cast<double>(static_cast<float>(pos(rng) / K));
+  Kokkos::View<int **, Kokkos::LayoutRight, Mem> ids_d("ids", T, 1);
+  auto ids_h = Kokkos::create_mirror_view(ids_d);
+  for (int t = 0; t < T; ++t) ids_h(t, 0) = t % E;
+  Kokkos::deep_copy(ids_d, ids_h);
+  auto R = build_routing_index(Space(), Kokkos::View<int const **, Kokkos::LayoutRight, Mem>(ids_d), E);
+  auto pos_h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), R.position);
+  V2<float> x_d = test::to_view<float>(x, V2<float>("x", T, K));
+  V3<float> w_d = test::to_view<float>(w, V3<float>("w", E, K, N));
+  Vec ref(std::size_t(T) * N);
+  for (int t = 0; t < T; ++t)
+    for (int n = 0; n < N; ++n) {
+      double z = 0;
+      for (int kk = 0; kk < K; ++kk) z += x[std::size_t(t) * K + kk] * w[(std::size_t(t % E) * K + kk) * N + n];
+      ref[std::size_t(t) * N + n] = z;
+    }
+  Float32Math const saved = detail::dev::float32_math();
+  std::vector<Float32Math> modes = {Float32Math::fma};
+  if (detail::dev::is_cuda<Space>) modes.push_back(Float32Math::tf32x3);
+  for (Float32Math const mode : modes) {
+    detail::dev::float32_math() = mode;
+    V2<float> out("out", T, N);
+    test::poison<float>(out);
+    EsmmEpilogue<float, Mem> ep;
+    ep.pre = out;
+    esmm(Space(), R, token_rows(V2<float const>(x_d)), V3<float const>(w_d), false, V2<float const>(), ep);
+    Vec const got = test::from_view(out);
+    double worst = 0;
+    for (int t = 0; t < T; ++t)
+      for (int n = 0; n < N; ++n) {
+        double const r = ref[std::size_t(t) * N + n];
+        double const e = std::fabs(got[std::size_t(pos_h(t)) * N + n] - r) / r;
+        if (!(e <= worst)) worst = e;  // (a NaN sticks)
+      }
+    EXPECT_LE(worst, std::ldexp(1.0, -16)) << (mode == Float32Math::fma ? "fma" : "tf32x3");
+  }
+  detail::dev::float32_math() = saved;
+}
+
 TEST(ExpertOps, BFloat16AgainstFloat64Reference) { run_all<bfloat16>("bfloat16"); }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
 
