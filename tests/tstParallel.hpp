@@ -516,15 +516,26 @@ void expect_losses(std::string const &what, std::vector<double> const &got, std:
         << what << ": step " << want_from + i + 1 << " on rank " << world_rank();
 }
 
+// Equal relative rates for every rank of the job, as a deck override: the
+// plan then splits the work evenly without measuring the ranks' speed (a
+// measured split follows the machine's load from run to run).
+std::string equal_rates() {
+  std::string r = "parallel.rates=[";
+  for (int i = 0; i < world_size(); ++i) r += i ? ", 1.0" : "1.0";
+  return r + "]";
+}
+
 // Losses of n ranks in each mode against one rank (local layers): float
-// rounding only (1e-6 relative over six steps; seen: 2e-8).
+// rounding only (1e-6 relative over six steps; seen: 2e-8). The work is
+// split evenly (equal rates), so that every run of the test computes the
+// same sums.
 TEST(Parallel, TrainingLossesMatchOneRank) {
   std::string const one_dir = fresh_dir("one");
   std::vector<double> const one = losses_on_first(1, [&](MPI_Comm c) { return train_on(c, train_deck(one_dir)); });
   ASSERT_EQ(one.size(), 6u);
   for (char const *mode : {"data", "model"}) {
-    auto const got = train_on(MPI_COMM_WORLD,
-                              train_deck(fresh_dir(std::string("n-") + mode), {std::string("parallel.mode=") + mode}));
+    auto const got = train_on(MPI_COMM_WORLD, train_deck(fresh_dir(std::string("n-") + mode),
+                                                         {std::string("parallel.mode=") + mode, equal_rates()}));
     expect_losses(std::string("mode ") + mode, got.step_losses, one, 0, 1e-6);
   }
   // Two MoE groups of n/2 ranks: each slice has a replica whose gradient is
@@ -535,7 +546,8 @@ TEST(Parallel, TrainingLossesMatchOneRank) {
   for (char const *mode : {"data", "model"}) {
     std::string const dir = fresh_dir(std::string("groups-") + mode);
     auto const got = train_on(MPI_COMM_WORLD, train_deck(dir, {std::string("parallel.mode=") + mode,
-                                                               "parallel.group_size=" + std::to_string(n / 2)}));
+                                                               "parallel.group_size=" + std::to_string(n / 2),
+                                                               equal_rates()}));
     expect_losses(std::string("two groups, mode ") + mode, got.step_losses, one, 0, 1e-6);
     // Its final checkpoint holds the one-rank expert tensors (parameters,
     // AdamW moments). (Not the attention's q/k biases: their true gradient
