@@ -285,6 +285,9 @@ std::vector<Shape> const shapes = {
     // {333, 2, 8, ...} into ranges.
     {333, 2, 8, 40, 72, true},
     {150, 1, 3, 272, 264, false},
+    // Full 128 x 128 device tiles with K and N multiples of 16 (the staging
+    // without per-element bounds), forward and transposed.
+    {520, 1, 2, 144, 160, false},
 };
 
 template <class T>
