@@ -188,6 +188,7 @@ struct EsmmDeviceKernel {
   using Acc = typename Base::Acc;
   static constexpr int BM = dev::BM, BN = dev::BN, NT = dev::NT, BKF = dev::BKF;
   static constexpr bool mma_bf16 = M == dev::Math::bf16_mma;
+  static constexpr bool tensor_cores = mma_bf16 || M == dev::Math::tf32_mma || M == dev::Math::tf32x3_mma;
   static constexpr int BK = mma_bf16 ? dev::BKH : dev::BKF;
 
   Base k;       // operands, epilogue and extents
@@ -256,6 +257,19 @@ struct EsmmDeviceKernel {
       main_loop_f32(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
     }
 
+    // Tensor-core layouts with paired outputs: straight from the registers.
+    if constexpr (tensor_cores) {
+      if (pairs) {
+        switch (k.ep.act) {
+          case Activation::gelu: epilogue_direct<Activation::gelu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
+          case Activation::relu: epilogue_direct<Activation::relu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
+          case Activation::silu: epilogue_direct<Activation::silu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
+          default: epilogue_direct<Activation::identity>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
+        }
+        return;
+      }
+    }
+
     // Epilogue through scratch, 64 columns at a time: the accumulators go to
     // scratch with compile-time indices (they stay in registers); then each
     // thread owns one column (tid % 64) and every fourth row, reads its bias
@@ -307,6 +321,77 @@ HEXAMOE_UNROLL
             if (ep.post.data() != nullptr) ep.post(p, n) = from_acc<TY>(a);
             if (ep.token_out.data() != nullptr) ep.token_out(rflat[r] / topk, n) = from_acc<TY>(rgate[r] * a);
           }
+        }
+      }
+    }
+  }
+
+  // Two adjacent output elements (n, n + 1) of a row: one 4-byte store for
+  // bf16 (rounded by the hardware on CUDA), else a pair.
+  KOKKOS_INLINE_FUNCTION static void put2(TY *p, Acc a, Acc b) {
+    if constexpr (std::is_same_v<TY, bfloat16>) {
+      *reinterpret_cast<unsigned *>(p) = dev::pack_bf16x2(a, b);
+    } else {
+      *reinterpret_cast<Two<TY> *>(p) = Two<TY>{{from_acc<TY>(a), from_acc<TY>(b)}};
+    }
+  }
+
+  // The epilogue of the tensor-core layouts, from the accumulators in
+  // registers (no scratch, no barrier): thread (warp, lane) holds rows
+  // 64 (warp / 4) + 16 i + lane / 4 + {0, 8} and column pairs
+  // 32 (warp % 4) + 8 j + 2 (lane % 4) + {0, 1} (acc[2 i + h][2 j + {0, 1}]),
+  // so each element has one owner, which reads its act' input before it
+  // writes the same element (pre may alias act_grad_of). The activation is a
+  // template argument, so that its switch stays out of the loop.
+  template <Activation A>
+  KOKKOS_INLINE_FUNCTION void epilogue_direct(float const (&acc)[8][8], int const *rflat, Acc const *rscale,
+                                              Acc const *rgate, int e, int p0, int rows, int c0, int cols,
+                                              int tid) const {
+    auto const &ep = k.ep;
+    int const lane = tid & 31, warp = tid >> 5;
+    int const r_base = (warp >> 2) * 64 + (lane >> 2), c_base = (warp & 3) * 32 + (lane & 3) * 2;
+    if (r_base >= rows || c_base >= cols) return;
+    TY *const pre = ep.pre.data();
+    TY *const post = ep.post.data();
+    TY *const tok = ep.token_out.data();
+    TY const *const zg = ep.act_grad_of.data();
+    std::size_t const ld_pre = ep.pre.stride_0(), ld_post = ep.post.stride_0(), ld_tok = ep.token_out.stride_0(),
+                      ld_z = ep.act_grad_of.stride_0();
+    int const topk = k.R.top_k;
+    Acc bv[4][2];
+HEXAMOE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      int const c = c_base + 8 * j;
+      bv[j][0] = bv[j][1] = Acc(0);
+      if (k.has_bias && c < cols) {
+        Two<TW> const b = *reinterpret_cast<Two<TW> const *>(&k.bias(e, c0 + c));
+        bv[j][0] = to_acc<Acc>(b.v[0]);
+        bv[j][1] = to_acc<Acc>(b.v[1]);
+      }
+    }
+HEXAMOE_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      int const r = r_base + (i >> 1) * 16 + (i & 1) * 8;
+      if (r >= rows) continue;
+      std::size_t const p = static_cast<std::size_t>(p0 + r);
+      Acc const s = rscale[r], g = rgate[r];
+      std::size_t const t = tok != nullptr ? static_cast<std::size_t>(rflat[r] / topk) : 0;
+HEXAMOE_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        int const c = c_base + 8 * j;
+        if (c >= cols) break;  // cols is even: c + 1 is valid too
+        std::size_t const n = static_cast<std::size_t>(c0 + c);
+        Acc v0 = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0], v1 = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
+        if (zg != nullptr) {
+          Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zg + p * ld_z + n);
+          v0 *= activate_grad(A, to_acc<Acc>(z.v[0]));
+          v1 *= activate_grad(A, to_acc<Acc>(z.v[1]));
+        }
+        if (pre != nullptr) put2(pre + p * ld_pre + n, v0, v1);
+        if (post != nullptr || tok != nullptr) {
+          Acc const a0 = zg != nullptr ? v0 : activate(A, v0), a1 = zg != nullptr ? v1 : activate(A, v1);
+          if (post != nullptr) put2(post + p * ld_post + n, a0, a1);
+          if (tok != nullptr) put2(tok + t * ld_tok + n, g * a0, g * a1);
         }
       }
     }
@@ -381,6 +466,22 @@ HEXAMOE_UNROLL
   KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, int const *rflat,
                                                    float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
                                                    int tid) const {
+    if (k.K % dev::PKH == 0) {
+      main_loop_bf16_async_k<true>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid);
+    } else {
+      main_loop_bf16_async_k<false>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid);
+    }
+  }
+
+  // KFull (K a multiple of the k step, the usual case): every chunk of a
+  // thread copies the same byte count at every stage, so an issue is two
+  // copies and two pointer increments. The ldmatrix addresses of the four
+  // 16-row blocks of A (and of the two 16-column halves of a transposed B)
+  // differ by constants (the swizzle repeats every 4 rows).
+  template <bool KFull>
+  KOKKOS_INLINE_FUNCTION void main_loop_bf16_async_k(member_type const &team, bfloat16 *smem, int const *rflat,
+                                                     float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
+                                                     int tid) const {
     if constexpr (mma_bf16) {
       constexpr int PK = dev::PKH, PS = dev::PSH;
       constexpr unsigned stage_bytes = BM * PK * sizeof(bfloat16);
@@ -397,6 +498,7 @@ HEXAMOE_UNROLL
       char const *dummy = reinterpret_cast<char const *>(k.w.data());  // aligned; read for no byte
       char const *a_src = xa ? reinterpret_cast<char const *>(xa + ac) : dummy;
       int a_rem = xa ? K - ac : 0;
+      int const a_full = xa ? 16 : 0;
       unsigned const a_dst = sA + 2u * static_cast<unsigned>(dev::sw16(ar, ac));
       char const *b_src;
       int b_rem, b_bytes = 16;
@@ -406,6 +508,7 @@ HEXAMOE_UNROLL
         int const br = tid >> 1, bc = (tid & 1) * 8;
         b_src = br < cols ? reinterpret_cast<char const *>(&k.w(e, c0 + br, bc)) : dummy;
         b_rem = br < cols ? K - bc : 0;
+        b_bytes = br < cols ? 16 : 0;
         b_dst = sB + 2u * static_cast<unsigned>(dev::sw16(br, bc));
         b_step = PK * sizeof(TW);
       } else {
@@ -417,25 +520,34 @@ HEXAMOE_UNROLL
         b_dst = sB + 2u * static_cast<unsigned>(dev::sw128(br, bc));
         b_step = std::size_t(PK) * k.w.stride_1() * sizeof(TW);
       }
-      int slot_w = 0;  // the stage the next issue fills
+      unsigned off_w = 0;  // byte offset of the stage the next issue fills
+      std::size_t const a_adv = a_full > 0 ? PK * sizeof(TX) : 0, b_adv = b_bytes > 0 ? b_step : 0;
       auto issue = [&]() {
-        int const an = a_rem < 0 ? 0 : (a_rem > 8 ? 8 : a_rem);
-        dev::cp_async16_at(a_dst + slot_w * stage_bytes, an > 0 ? a_src : dummy, 2 * an);
-        int bb;
-        if constexpr (TransW) {
-          bb = 2 * (b_rem < 0 ? 0 : (b_rem > 8 ? 8 : b_rem));
+        if constexpr (KFull) {
+          dev::cp_async16_at(a_dst + off_w, a_src, a_full);
+          dev::cp_async16_at(b_dst + off_w, b_src, b_bytes);
+          a_src += a_adv;
+          b_src += b_adv;
         } else {
-          bb = b_rem > 0 ? b_bytes : 0;
+          int const an = a_rem < 0 ? 0 : (a_rem > 8 ? 8 : a_rem);
+          dev::cp_async16_at(a_dst + off_w, an > 0 ? a_src : dummy, 2 * an);
+          int bb;
+          if constexpr (TransW) {
+            bb = 2 * (b_rem < 0 ? 0 : (b_rem > 8 ? 8 : b_rem));
+          } else {
+            bb = b_rem > 0 ? b_bytes : 0;
+          }
+          dev::cp_async16_at(b_dst + off_w, bb > 0 ? b_src : dummy, bb);
+          a_src += PK * sizeof(TX);
+          a_rem -= PK;
+          b_src += b_step;
+          b_rem -= PK;
         }
-        dev::cp_async16_at(b_dst + slot_w * stage_bytes, bb > 0 ? b_src : dummy, bb);
-        a_src += PK * sizeof(TX);
-        a_rem -= PK;
-        b_src += b_step;
-        b_rem -= PK;
-        slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
+        off_w = off_w + stage_bytes == PS * stage_bytes ? 0u : off_w + stage_bytes;
       };
       unsigned a_ld[4], b_ld[2];
       dev::ldsm_addresses<false, TransW>(a_ld, b_ld, sA, sB, tid);
+      unsigned const a0 = a_ld[0], b0 = b_ld[0], b1 = TransW ? b_ld[0] + 512u : b_ld[1];
       int const warp = tid >> 5;
       bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
       int const nk = (K + PK - 1) / PK;
@@ -443,14 +555,18 @@ HEXAMOE_UNROLL
         if (s < nk) issue();
         dev::cp_async_commit();  // empty groups keep the count uniform
       }
-      int slot_r = 0;
+      unsigned off_r = 0;
       for (int kt = 0; kt < nk; ++kt) {
         dev::cp_async_wait<PS - 2>();  // this thread's copies of stage kt have landed
         team.team_barrier();           // everyone's have; stage kt - 1 is free again
         if (kt + PS - 1 < nk) issue();
         dev::cp_async_commit();
-        if (active) dev::mma_k16_bf16<false, TransW>(acc, a_ld, b_ld, slot_r * stage_bytes);
-        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
+        if (active) {
+          unsigned const al[4] = {a0, a0 + 512u, a0 + 1024u, a0 + 1536u};
+          unsigned const bl[2] = {b0, b1};
+          dev::mma_k16_bf16<false, TransW>(acc, al, bl, off_r);
+        }
+        off_r = off_r + stage_bytes == PS * stage_bytes ? 0u : off_r + stage_bytes;
       }
       dev::cp_async_wait<0>();
     } else {

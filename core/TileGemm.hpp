@@ -443,6 +443,18 @@ KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
 #endif
 }
 
+// Two floats as adjacent bf16 (lo at the lower address), rounded to nearest
+// even: one cvt.rn.bf16x2.f32 on sm_80 and later, else bfloat16::from_float.
+KOKKOS_INLINE_FUNCTION unsigned pack_bf16x2(float lo, float hi) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return static_cast<unsigned>(bfloat16::from_float(lo)) | (static_cast<unsigned>(bfloat16::from_float(hi)) << 16);
+#endif
+}
+
 // The 32-bit shared-state address of a team scratch pointer (0 off CUDA).
 KOKKOS_INLINE_FUNCTION unsigned smem_u32(void const *p) {
 #if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
