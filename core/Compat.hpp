@@ -40,6 +40,14 @@ class ScopedRegion {
   ScopedRegion &operator=(ScopedRegion const &) = delete;
 };
 
+// A policy whose functor travels as a kernel argument (Kokkos' light-weight
+// hint): on CUDA a large functor is otherwise copied to constant memory, and
+// that launch waits on the host for the previous such kernel to finish.
+template <class Policy>
+auto light(Policy const &p) {
+  return Kokkos::Experimental::require(p, Kokkos::Experimental::WorkItemProperty::HintLightWeight);
+}
+
 // Page-locked host memory of the GPU backends, where host buffers that feed
 // device copies (MPI staging) live: HIPHostPinnedSpace moved out of
 // Kokkos::Experimental in 4.x; CudaHostPinnedSpace never moved.

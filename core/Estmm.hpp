@@ -545,7 +545,7 @@ void launch_estmm_device(ExecutionSpace const &space, EstmmKernel<ExecutionSpace
   }
   if (splits > 1)
     Kokkos::parallel_for("hexamoe::estmm_add_partials",
-                         Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, EMN + EN),
+                         compat::light(Kokkos::RangePolicy<ExecutionSpace, Kokkos::IndexType<std::size_t>>(space, 0, EMN + EN)),
                          AddPartials<ExecutionSpace, TO, MemorySpace>{base.out, base.bias_out, part, splits, base.M,
                                                                       base.N, EMN});
 }

@@ -184,7 +184,7 @@ class MoeLayer {
       auto pos = R.position;
       int const d = cfg_.dim;
       Kokkos::parallel_for(
-          "hexamoe::moe_dgate", Kokkos::RangePolicy<ExecutionSpace>(space, 0, S), KOKKOS_LAMBDA(int f) {
+          "hexamoe::moe_dgate", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, S)), KOKKOS_LAMBDA(int f) {
             int const p = pos(f);
             Acc s = 0;
             if (p >= 0)
@@ -253,7 +253,7 @@ class MoeLayer {
     auto pos = index_.position;
     bool const gated = gate.data() != nullptr;
     Kokkos::parallel_for(
-        "hexamoe::combine", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
+        "hexamoe::combine", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d)), KOKKOS_LAMBDA(int i) {
           int const t = i / d, c = i % d;
           Acc s = 0;
           for (int j = 0; j < k; ++j) {

@@ -25,7 +25,9 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -68,6 +70,61 @@ KOKKOS_INLINE_FUNCTION int router_padded_experts(int E) {
 }
 
 inline int router_chunks(int tokens, int chunk) { return tokens > 0 ? 1 + (tokens - 1) / chunk : 0; }
+
+// Elements of x per 16-byte vector in the router's logits (0: no vector path).
+template <class T, class Acc>
+inline constexpr int router_x_vector =
+    std::is_same_v<Acc, float> && std::is_same_v<std::remove_const_t<T>, bfloat16> ? 8
+    : std::is_same_v<Acc, float> && std::is_same_v<std::remove_const_t<T>, float> ? 4
+                                                                                   : 0;
+
+struct alignas(16) RouterVec16 {
+  std::uint32_t u[4];
+};
+struct alignas(16) RouterFloat4 {
+  float v[4];
+};
+
+// 16 bytes of x (8 bf16 or 4 float) as float.
+KOKKOS_INLINE_FUNCTION void router_load_x(bfloat16 const *p, float (&v)[8]) {
+  RouterVec16 const r = *reinterpret_cast<RouterVec16 const *>(p);
+  for (int j = 0; j < 8; ++j) v[j] = bfloat16::to_float(static_cast<std::uint16_t>(r.u[j >> 1] >> ((j & 1) * 16)));
+}
+KOKKOS_INLINE_FUNCTION void router_load_x(float const *p, float (&v)[4]) {
+  RouterFloat4 const r = *reinterpret_cast<RouterFloat4 const *>(p);
+  for (int j = 0; j < 4; ++j) v[j] = r.v[j];
+}
+// N floats of a transposed-weight row (16-byte aligned).
+template <int N>
+KOKKOS_INLINE_FUNCTION void router_load_w(float const *p, float (&v)[N]) {
+  for (int h = 0; h < N / 4; ++h) {
+    RouterFloat4 const r = reinterpret_cast<RouterFloat4 const *>(p)[h];
+    for (int j = 0; j < 4; ++j) v[4 * h + j] = r.v[j];
+  }
+}
+
+// One block of logits over the vector lanes from 16-byte vectors of x:
+// lg.v[q] = sum_i x[i] Wt(e0 + q, i) (XV elements of x per lane step).
+template <int XV, class Member, class T, class WtView, class Logits>
+KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow, WtView const &Wt, int e0, int d,
+                                              Logits &lg) {
+  if constexpr (XV > 0) {
+    Kokkos::parallel_reduce(
+        Kokkos::ThreadVectorRange(team, d / XV),
+        [&](int c, Logits &s) {
+          float xv[XV];
+          router_load_x(xrow + c * XV, xv);
+          for (int q = 0; q < router_expert_block; ++q) {
+            float w[XV];
+            router_load_w<XV>(&Wt(e0 + q, c * XV), w);
+            for (int j = 0; j < XV; ++j) s.v[q] += xv[j] * w[j];
+          }
+        },
+        lg);
+  } else {
+    (void)team, (void)xrow, (void)Wt, (void)e0, (void)d, (void)lg;
+  }
+}
 
 // A block of logits summed across vector lanes (default-constructed zero: the
 // identity of Kokkos's nested sum reductions).
@@ -173,86 +230,111 @@ class Router {
     auto W = weight;
     auto Wt = weight_t_;
     Kokkos::parallel_for(
-        "hexamoe::router_weight_t", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * d), KOKKOS_LAMBDA(int j) {
+        "hexamoe::router_weight_t", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * d)),
+        KOKKOS_LAMBDA(int j) {
           int const e = j / d, i = j % d;
           Wt(e, i) = W(i, e);
         });
 
     // One token per team thread: logits (with vector lanes, blocks of EB experts,
-    // each block one vector reduction over d; with one lane, a GEMV row), then
-    // softmax, top-k and gates in one lane.
+    // each block one vector reduction over d; with one lane, a GEMV row) into
+    // the thread's row of team scratch, then softmax, top-k and gates in one
+    // lane on that row (scratch, not device memory, between the steps), and
+    // the probabilities written once.
     auto b = bias;
     auto P = probs;
     auto L = lse;
     auto I = idx;
     auto G = gate;
     bool const renorm = opt_.renormalize;
-    if (T_ > 0)
+    // Lanes read x in 16-byte vectors (and Wt in float4) where rows allow.
+    constexpr int XV = detail::router_x_vector<T, Acc>;
+    constexpr int XVd = XV > 0 ? XV : 1;  // (a divisor either way)
+    bool const vec = XV > 0 && vl > 1 && d % XVd == 0 && x.stride_0() % XVd == 0 &&
+                     reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0 &&
+                     reinterpret_cast<std::uintptr_t>(Wt.data()) % 16 == 0 && Wt.stride_0() % 4 == 0;
+    std::size_t const row_bytes = sizeof(Acc) * Ep + sizeof(int) * k;
+    std::size_t const row_pitch = (row_bytes + 15) / 16 * 16;
+    if (T_ > 0) {
+      auto pol = compat::light(policy(space, (T_ + ts - 1) / ts, ts, vl));
+      pol.set_scratch_size(0, Kokkos::PerTeam(row_pitch * ts + 64));
       Kokkos::parallel_for(
-          "hexamoe::router_forward", policy(space, (T_ + ts - 1) / ts, ts, vl), KOKKOS_LAMBDA(member const &team) {
+          "hexamoe::router_forward", pol, KOKKOS_LAMBDA(member const &team) {
+            char *rows = static_cast<char *>(team.team_shmem().get_shmem(row_pitch * ts));
             int const t0 = team.league_rank() * ts, t1 = t0 + ts < T_ ? t0 + ts : T_;
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, t0, t1), [&](int t) {
+              Acc *sp = reinterpret_cast<Acc *>(rows + row_pitch * (t - t0));
+              int *si = reinterpret_cast<int *>(sp + Ep);
               if (vl == 1) {
                 // One lane (hosts): the logits row as a GEMV, SIMD over the experts
                 // (Wt is contiguous along e there); sums in the order of i.
-                for (int e = 0; e < E; ++e) P(t, e) = b(e);
+                for (int e = 0; e < E; ++e) sp[e] = b(e);
                 for (int i = 0; i < d; ++i) {
                   Acc const xi = to_acc<Acc>(x(t, i));
-                  for (int e = 0; e < E; ++e) P(t, e) += xi * Wt(e, i);
+                  for (int e = 0; e < E; ++e) sp[e] += xi * Wt(e, i);
                 }
               } else {
                 // Lanes along d (coalesced rows of x), EB experts per reduction.
                 for (int e0 = 0; e0 < E; e0 += EB) {
                   Logits lg;
-                  Kokkos::parallel_reduce(
-                      Kokkos::ThreadVectorRange(team, d),
-                      [&](int i, Logits &s) {
-                        Acc const xi = to_acc<Acc>(x(t, i));
-                        for (int q = 0; q < EB; ++q) s.v[q] += xi * Wt(e0 + q, i);
-                      },
-                      lg);
+                  if (vec) {
+                    detail::router_logits_vec<XV>(team, &x(t, 0), Wt, e0, d, lg);
+                  } else {
+                    Kokkos::parallel_reduce(
+                        Kokkos::ThreadVectorRange(team, d),
+                        [&](int i, Logits &s) {
+                          Acc const xi = to_acc<Acc>(x(t, i));
+                          for (int q = 0; q < EB; ++q) s.v[q] += xi * Wt(e0 + q, i);
+                        },
+                        lg);
+                  }
                   Kokkos::single(Kokkos::PerThread(team), [&]() {
                     for (int q = 0; q < EB; ++q)
-                      if (e0 + q < E) P(t, e0 + q) = lg.v[q] + b(e0 + q);
+                      if (e0 + q < E) sp[e0 + q] = lg.v[q] + b(e0 + q);
                   });
                 }
               }
               Kokkos::single(Kokkos::PerThread(team), [&]() {
-                Acc mx = P(t, 0);
-                for (int e = 1; e < E; ++e) mx = P(t, e) > mx ? P(t, e) : mx;
+                Acc mx = sp[0];
+                for (int e = 1; e < E; ++e) mx = sp[e] > mx ? sp[e] : mx;
                 Acc sum = 0;
                 for (int e = 0; e < E; ++e) {
-                  Acc const v = compat::exp(P(t, e) - mx);
-                  P(t, e) = v;
+                  Acc const v = compat::exp(sp[e] - mx);
+                  sp[e] = v;
                   sum += v;
                 }
                 L(t) = mx + compat::log(sum);
-                for (int e = 0; e < E; ++e) P(t, e) /= sum;
+                for (int e = 0; e < E; ++e) {
+                  sp[e] /= sum;
+                  P(t, e) = sp[e];
+                }
                 // Top-k by repeated selection: largest first, ties to the lower expert.
                 Acc z = 0;
                 for (int j = 0; j < k; ++j) {
                   int best = -1;
                   for (int e = 0; e < E; ++e) {
                     bool taken = false;
-                    for (int m = 0; m < j; ++m) taken = taken || I(t, m) == e;
-                    if (!taken && (best < 0 || P(t, e) > P(t, best))) best = e;
+                    for (int m = 0; m < j; ++m) taken = taken || si[m] == e;
+                    if (!taken && (best < 0 || sp[e] > sp[best])) best = e;
                   }
+                  si[j] = best;
                   I(t, j) = best;
-                  G(t * k + j) = P(t, best);
-                  z += P(t, best);
+                  G(t * k + j) = sp[best];
+                  z += sp[best];
                 }
                 if (renorm)
-                  for (int j = 0; j < k; ++j) G(t * k + j) /= z;
+                  for (int j = 0; j < k; ++j) G(t * k + j) = sp[si[j]] / z;
               });
             });
           });
+    }
 
     // Statistics per token chunk: each team thread reduces a contiguous share
     // of the chunk over its lanes, the team adds the shares in thread order.
     auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
     auto sn = count_part_;  // [chunks, Ep]: assignments to e
     if (T_ > 0) {
-      policy pol(space, nch, ts, vl);
+      auto pol = compat::light(policy(space, nch, ts, vl));
       std::size_t const acc_bytes = sizeof(Acc) * ts * (Ep + 1), int_bytes = sizeof(int) * ts * Ep;
       pol.set_scratch_size(0, Kokkos::PerTeam(acc_bytes + int_bytes + 64));
       Kokkos::parallel_for(
@@ -308,7 +390,7 @@ class Router {
     auto ls = losses_;
     Acc const aw = static_cast<Acc>(opt_.aux_loss_weight), zw = static_cast<Acc>(opt_.z_loss_weight);
     {
-      policy pol(space, 1, ts, vl);
+      auto pol = compat::light(policy(space, 1, ts, vl));
       std::size_t const bytes = sizeof(Acc) * (2 * E + 1);
       pol.set_scratch_size(0, Kokkos::PerTeam(bytes + 64));
       Kokkos::parallel_for(
@@ -375,7 +457,7 @@ class Router {
     bool const renorm = opt_.renormalize;
     Acc const aw = static_cast<Acc>(opt_.aux_loss_weight), zw = static_cast<Acc>(opt_.z_loss_weight);
     Kokkos::parallel_for(
-        "hexamoe::router_dlogits", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_), KOKKOS_LAMBDA(int t) {
+        "hexamoe::router_dlogits", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_)), KOKKOS_LAMBDA(int t) {
           // dL/dp: the auxiliary loss, then the gates.
           for (int e = 0; e < E; ++e) dl(t, e) = aw * Acc(E) * st(0, e) / Acc(T_);
           if (renorm) {
@@ -402,7 +484,7 @@ class Router {
     auto wp = wgrad_part_;  // [chunks, (d + 1) * E]: entry i * E + e is (row i of [dWr; dbr], expert e)
     int const ncb = (d + 1 + cb - 1) / cb;
     if (T_ > 0) {
-      policy pol(space, nch * ncb, ts, vl);
+      auto pol = compat::light(policy(space, nch * ncb, ts, vl));
       std::size_t const bytes = sizeof(Acc) * ts * EB * cb;
       pol.set_scratch_size(0, Kokkos::PerTeam(bytes + 64));
       Kokkos::parallel_for(
@@ -453,7 +535,7 @@ class Router {
     auto Wg = weight_grad;
     auto bg = bias_grad;
     Kokkos::parallel_for(
-        "hexamoe::router_dweight_sum", Kokkos::RangePolicy<ExecutionSpace>(space, 0, (d + 1) * E), KOKKOS_LAMBDA(int o) {
+        "hexamoe::router_dweight_sum", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, (d + 1) * E)), KOKKOS_LAMBDA(int o) {
           Acc s = 0;
           for (int c = 0; c < nch; ++c) s += wp(c, o);
           if (o < d * E)
@@ -467,7 +549,7 @@ class Router {
     auto Wt = weight_t_;
     if (T_ > 0)
       Kokkos::parallel_for(
-          "hexamoe::router_dx", policy(space, (T_ + ts - 1) / ts, ts, vl), KOKKOS_LAMBDA(member const &team) {
+          "hexamoe::router_dx", compat::light(policy(space, (T_ + ts - 1) / ts, ts, vl)), KOKKOS_LAMBDA(member const &team) {
             int const t0 = team.league_rank() * ts, t1 = t0 + ts < T_ ? t0 + ts : T_;
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, t0, t1), [&](int t) {
               Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, d), [&](int c) {

@@ -129,7 +129,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
   }
   if constexpr (host) {
     Kokkos::parallel_for(
-        "hexamoe::routing_count", policy(space, 0, nchunks + 1), KOKKOS_LAMBDA(int c) {
+        "hexamoe::routing_count", compat::light(policy(space, 0, nchunks + 1)), KOKKOS_LAMBDA(int c) {
           if (c == nchunks) {
             table(static_cast<std::size_t>(E) * nchunks) = 0;
             return;
@@ -145,7 +145,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
     // One team per chunk, a histogram in team scratch (atomic adds only count).
     using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
     using member = typename team_policy::member_type;
-    team_policy tp(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256);
+    auto tp = compat::light(team_policy(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256));
     tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * (E + 1)));
     Kokkos::parallel_for(
         "hexamoe::routing_count", tp, KOKKOS_LAMBDA(member const &team) {
@@ -192,7 +192,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
     using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
     using member = typename team_policy::member_type;
     int const ts = 256;
-    team_policy tp(space, 1, ts);
+    auto tp = compat::light(team_policy(space, 1, ts));
     tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * (ts + 1)));
     Kokkos::parallel_for(
         "hexamoe::routing_scan", tp, KOKKOS_LAMBDA(member const &team) {
@@ -239,7 +239,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
     // One thread per chunk bumps its own cursors: afterwards entry (e, c) holds
     // the start of chunk c + 1, and the last chunk's entry the end of expert e.
     Kokkos::parallel_for(
-        "hexamoe::routing_place", policy(space, 0, nchunks), KOKKOS_LAMBDA(int c) {
+        "hexamoe::routing_place", compat::light(policy(space, 0, nchunks)), KOKKOS_LAMBDA(int c) {
           int const end = (c + 1) * chunk < S ? (c + 1) * chunk : S;
           for (int s = c * chunk; s < end; ++s) {
             int const e = flat_idx(s);
@@ -255,7 +255,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
   } else {
     using team_policy = Kokkos::TeamPolicy<ExecutionSpace>;
     using member = typename team_policy::member_type;
-    team_policy tp(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256);
+    auto tp = compat::light(team_policy(space, nchunks > 0 ? nchunks : 1, chunk < 256 ? chunk : 256));
     tp.set_scratch_size(0, Kokkos::PerTeam(sizeof(int) * chunk));
     Kokkos::parallel_for(
         "hexamoe::routing_place", tp, KOKKOS_LAMBDA(member const &team) {
@@ -283,7 +283,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
   // cursors were bumped, so the last chunk's entry is expert e's end.
   if constexpr (host) {
     Kokkos::parallel_for(
-        "hexamoe::routing_offsets", policy(space, 0, 1), KOKKOS_LAMBDA(int) {
+        "hexamoe::routing_offsets", compat::light(policy(space, 0, 1)), KOKKOS_LAMBDA(int) {
           int run = 0, start = 0;
           for (int e = 0; e < E; ++e) {
             int const end = nchunks > 0 ? table(static_cast<std::size_t>(e) * nchunks + nchunks - 1) : 0;
@@ -300,7 +300,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
     // Keep the first `cap` assignments of each expert: compact the sorted list.
     Kokkos::View<int *, MemorySpace> kept(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::routing_sorted_flat"), S);
     Kokkos::parallel_for(
-        "hexamoe::routing_drop", policy(space, 0, S), KOKKOS_LAMBDA(int s) {
+        "hexamoe::routing_drop", compat::light(policy(space, 0, S)), KOKKOS_LAMBDA(int s) {
           int const e = flat_idx(s);
           if (e < 0 || e >= E) return;
           // Dropless start of expert e: sum of full counts before it.
@@ -316,7 +316,7 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
           }
         });
     Kokkos::parallel_for(
-        "hexamoe::routing_clip", policy(space, 0, E), KOKKOS_LAMBDA(int e) {
+        "hexamoe::routing_clip", compat::light(policy(space, 0, E)), KOKKOS_LAMBDA(int e) {
           counts(e) = offsets(e + 1) - offsets(e);
         });
     R.sorted_flat = kept;
