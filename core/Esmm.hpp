@@ -369,29 +369,60 @@ HEXAMOE_UNROLL
         bv[j][1] = to_acc<Acc>(b.v[1]);
       }
     }
+    // Per row: the column pairs this thread owns (all four unless the tile's
+    // columns end inside them), the row's pointers once, then one branch per
+    // output kind (not per element), stores at constant offsets.
+    int const npair = (cols - c_base + 7) / 8 < 4 ? (cols - c_base + 7) / 8 : 4;
+    std::size_t const n0 = static_cast<std::size_t>(c0 + c_base);
 HEXAMOE_UNROLL
     for (int i = 0; i < 8; ++i) {
       int const r = r_base + (i >> 1) * 16 + (i & 1) * 8;
-      if (r >= rows) continue;
+      if (r >= rows) break;  // rows grow with i
       std::size_t const p = static_cast<std::size_t>(p0 + r);
-      Acc const s = rscale[r], g = rgate[r];
-      std::size_t const t = tok != nullptr ? static_cast<std::size_t>(rflat[r] / topk) : 0;
+      Acc const s = rscale[r];
+      Acc v[4][2];
 HEXAMOE_UNROLL
       for (int j = 0; j < 4; ++j) {
-        int const c = c_base + 8 * j;
-        if (c >= cols) break;  // cols is even: c + 1 is valid too
-        std::size_t const n = static_cast<std::size_t>(c0 + c);
-        Acc v0 = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0], v1 = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
-        if (zg != nullptr) {
-          Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zg + p * ld_z + n);
-          v0 *= activate_grad(A, to_acc<Acc>(z.v[0]));
-          v1 *= activate_grad(A, to_acc<Acc>(z.v[1]));
+        v[j][0] = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0];
+        v[j][1] = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
+      }
+      if (zg != nullptr) {
+        TY const *zr = zg + p * ld_z + n0;
+HEXAMOE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          if (j < npair) {
+            Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
+            v[j][0] *= activate_grad(A, to_acc<Acc>(z.v[0]));
+            v[j][1] *= activate_grad(A, to_acc<Acc>(z.v[1]));
+          }
         }
-        if (pre != nullptr) put2(pre + p * ld_pre + n, v0, v1);
-        if (post != nullptr || tok != nullptr) {
-          Acc const a0 = zg != nullptr ? v0 : activate(A, v0), a1 = zg != nullptr ? v1 : activate(A, v1);
-          if (post != nullptr) put2(post + p * ld_post + n, a0, a1);
-          if (tok != nullptr) put2(tok + t * ld_tok + n, g * a0, g * a1);
+      }
+      if (pre != nullptr) {
+        TY *const pr = pre + p * ld_pre + n0;
+HEXAMOE_UNROLL
+        for (int j = 0; j < 4; ++j)
+          if (j < npair) put2(pr + 8 * j, v[j][0], v[j][1]);
+      }
+      if (post != nullptr || tok != nullptr) {
+        if (zg == nullptr) {
+HEXAMOE_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            v[j][0] = activate(A, v[j][0]);
+            v[j][1] = activate(A, v[j][1]);
+          }
+        }
+        if (post != nullptr) {
+          TY *const qr = post + p * ld_post + n0;
+HEXAMOE_UNROLL
+          for (int j = 0; j < 4; ++j)
+            if (j < npair) put2(qr + 8 * j, v[j][0], v[j][1]);
+        }
+        if (tok != nullptr) {
+          Acc const g = rgate[r];
+          TY *const tr = tok + static_cast<std::size_t>(rflat[r] / topk) * ld_tok + n0;
+HEXAMOE_UNROLL
+          for (int j = 0; j < 4; ++j)
+            if (j < npair) put2(tr + 8 * j, g * v[j][0], g * v[j][1]);
         }
       }
     }
