@@ -281,7 +281,7 @@ TEST(MoeLayer, BitIdenticalOutputsAndGradients) {
 // The router alone, kernel by kernel, against a float64 reference, under the
 // backend's launch shape and under GPU-like and odd shapes (vector lanes,
 // token chunks and column blocks that divide nothing), with several expert
-// blocks (E = 12 > 8), k = E and E = 1. The reference takes the kernel's
+// blocks (E = 12 > 8), k = E and E = 1, in double, float and bf16 storage. The reference takes the kernel's
 // routing where two probabilities are too close for float to order them.
 struct RouterCase {
   int T, d, E, k;
@@ -419,7 +419,8 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
   std::vector<RouterShape> const shapes = {default_router_shape<Space>(), RouterShape{team, 32, 100, 16},
                                            RouterShape{team, odd_lanes, 7, 5}};
   std::vector<RouterCase> const rcases = {
-      {1500, 45, 12, 2, true}, {700, 20, 3, 3, false}, {333, 9, 1, 1, false}, {1, 7, 8, 1, false}};
+      {1500, 45, 12, 2, true}, {700, 20, 3, 3, false}, {333, 9, 1, 1, false}, {1, 7, 8, 1, false},
+      {257, 48, 12, 2, false}};  // d = 48: 16-byte vectors of x (4 float, 8 bf16) where lanes are many
   unsigned seed = 500;
   for (auto const &s : shapes)
     for (auto const &c : rcases) {
@@ -428,6 +429,7 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
                    " E=" + std::to_string(c.E) + " k=" + std::to_string(c.k));
       check_router<double>(c, s, 1e-12, seed);
       check_router<float>(c, s, 1e-5, seed);
+      check_router<bfloat16>(c, s, 1e-2, seed);  // dx is stored in bf16 (2^-9 relative)
       ++seed;
     }
 }
