@@ -3,6 +3,8 @@
 // Forward:  route (Router) -> routing index -> z1 = ESMM(x, W1) + b1, h = act(z1)
 //           (one ESMM, both stored) -> o = ESMM(h, W2) + b2 -> y[t] = sum_j g o.
 //           For top-1 the combine is fused into the second ESMM's epilogue.
+//           infer() is the same forward without what backward needs (no z1,
+//           and no o when the combine is fused).
 // Backward: dg = <dy, o>; dW2, db2 = ESTMM/ESS(h, g dy) (one pass);
 //           dz1 = ESMM(g dy, W2^T) * act'(z1) (written over z1);
 //           dW1, db1 = ESTMM/ESS(x, dz1); dx = sum_j ESMM(dz1, W1^T) + router part.
@@ -126,17 +128,17 @@ class MoeLayer {
   // y[T, d] = MoE(x[T, d]). Keeps what backward needs until the next forward.
   void forward(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y) {
     compat::ScopedRegion region("hexamoe::MoeLayer::forward");
-    int const T_ = static_cast<int>(x.extent(0)), d = cfg_.dim, H = cfg_.local_hidden(), k = cfg_.top_k;
-    check_tokens("x", x, T_);
-    check_tokens("y", y, T_);
-    router.forward(space, x);
-    route(space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space>(router.idx));
-    int const S = T_ * k;
-    ensure(space, S, H, d);
-    x_ = x;
-    forward_done_ = true;
-    backward_done_ = false;
-    run_experts(space, x, y);
+    forward_impl(space, x, y, true);
+  }
+
+  // y[T, d] = MoE(x[T, d]) for inference (evaluation, serving): the same
+  // routing, router statistics and y as forward, but nothing is kept for
+  // backward (the pre-activation z1 and, for dropless top-1, the expert
+  // outputs o are not written), as a framework's no-grad forward. backward
+  // after infer is an error.
+  void infer(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y) {
+    compat::ScopedRegion region("hexamoe::MoeLayer::infer");
+    forward_impl(space, x, y, false);
   }
 
   // Forward with a given routing (idx, gate); the router is bypassed. Used by
@@ -157,8 +159,9 @@ class MoeLayer {
     x_ = x;
     gate_ = gate;
     forward_done_ = true;
+    inferred_ = false;
     backward_done_ = false;
-    run_experts(space, x, y);
+    run_experts(space, x, y, true);
   }
 
   // dx[T, d] from dy[T, d]; overwrites every parameter gradient. With
@@ -166,6 +169,8 @@ class MoeLayer {
   // holds dL/dg for the caller.
   void backward(ExecutionSpace const &space, Matrix<T const, memory_space> dy, Matrix<T, memory_space> dx) {
     compat::ScopedRegion region("hexamoe::MoeLayer::backward");
+    if (inferred_)
+      throw std::logic_error("MoeLayer::backward: the last forward was infer(), which keeps no activations; run forward");
     if (!forward_done_) throw std::logic_error("MoeLayer::backward called before forward");
     if (backward_done_) throw std::logic_error("MoeLayer::backward: the saved activations were consumed; run forward again");
     int const T_ = static_cast<int>(x_.extent(0)), k = cfg_.top_k;
@@ -265,6 +270,23 @@ class MoeLayer {
   }
 
  private:
+  // forward (keep = true) and infer (keep = false).
+  void forward_impl(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y,
+                    bool keep) {
+    int const T_ = static_cast<int>(x.extent(0)), d = cfg_.dim, H = cfg_.local_hidden(), k = cfg_.top_k;
+    check_tokens("x", x, T_);
+    check_tokens("y", y, T_);
+    router.forward(space, x);
+    route(space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space>(router.idx));
+    int const S = T_ * k;
+    ensure(space, S, H, d);
+    x_ = x;
+    forward_done_ = keep;
+    inferred_ = !keep;
+    backward_done_ = false;
+    run_experts(space, x, y, keep);
+  }
+
   template <class V>
   void check_tokens(char const *name, V const &v, int T_) const {
     if (static_cast<int>(v.extent(0)) != T_ || static_cast<int>(v.extent(1)) != cfg_.dim)
@@ -289,20 +311,21 @@ class MoeLayer {
     dgate_ = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::moe.dgate"), S);
   }
 
-  void run_experts(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y) {
+  // keep = false (infer): z1 and, when the combine is fused, o are not stored.
+  void run_experts(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y, bool keep) {
     auto const &R = index_;
     bool const fused = cfg_.top_k == 1 && R.capacity == 0;
     bool const bias2 = cfg_.hidden_offset == 0;
     {
       EsmmEpilogue<T, memory_space> ep;
       ep.act = cfg_.activation;
-      ep.pre = z1_;
+      if (keep) ep.pre = z1_;
       ep.post = h_;
       esmm(space, R, token_rows(x), Tensor3<T const, memory_space>(w1), false, Matrix<T const, memory_space>(b1), ep);
     }
     {
       EsmmEpilogue<T, memory_space> ep;
-      ep.pre = o_;
+      if (keep || !fused) ep.pre = o_;
       if (fused) {
         ep.token_out = y;
         ep.token_gate = gate_;
@@ -317,6 +340,7 @@ class MoeLayer {
   index_type index_;
   bool routed_ = false;
   bool forward_done_ = false;
+  bool inferred_ = false;  // the last forward was infer()
   bool backward_done_ = false;
   Matrix<T const, memory_space> x_;
   Kokkos::View<Acc const *, memory_space> gate_;

@@ -156,6 +156,14 @@ void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
   }
   expect_within<T>(got_pre, rpre, abssum, K, 1.0, "esmm pre-activation");
   expect_within<T>(got_post, rpost, abssum, K, 1.2, "esmm post-activation");
+  // The inference epilogue: the post-activation alone (no pre stored).
+  V2<T> post_only("post_only", S, N);
+  test::poison<T>(post_only);
+  EsmmEpilogue<T, Mem> ep2;
+  ep2.act = act;
+  ep2.post = post_only;
+  esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep2);
+  expect_within<T>(test::from_view(post_only), rpost, abssum, K, 1.2, "esmm post-activation without pre");
 }
 
 // Backward shape: sorted rows (z-like [S, K]) times W^T ([E, N, K] read as

@@ -160,6 +160,20 @@ void check_forward(double tol) {
     auto [aux, z] = L.router_losses();
     EXPECT_NEAR(aux, r.aux, tol * std::fabs(r.aux) + 1e-12);
     EXPECT_NEAR(z, r.z, tol * std::fabs(r.z) + 1e-12);
+    // Inference forward: the same output and losses, and no backward after it.
+    V2<T> y2("y2", c.T, c.d), dx("dx", c.T, c.d);
+    test::poison<T>(y2);
+    L.infer(Space(), xd, y2);
+    EXPECT_LE(test::rel_error(test::from_view(y2), r.y), tol);
+    auto [aux2, z2] = L.router_losses();
+    EXPECT_NEAR(aux2, r.aux, tol * std::fabs(r.aux) + 1e-12);
+    EXPECT_NEAR(z2, r.z, tol * std::fabs(r.z) + 1e-12);
+    try {
+      L.backward(Space(), y2, dx);
+      ADD_FAILURE() << "backward after infer did not throw";
+    } catch (std::logic_error const &e) {
+      EXPECT_NE(std::string(e.what()).find("infer()"), std::string::npos) << e.what();
+    }
   }
 }
 
