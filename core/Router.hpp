@@ -10,9 +10,12 @@
 // into dWr, dbr and the router's share of dx.
 //
 // Kernels are hierarchical (team threads x vector lanes; one thread and one
-// lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
-// a thread per token, vector-lane reductions over d (coalesced rows of x)
-// against a transposed copy of Wr (one lane: a GEMV row, SIMD over experts).
+// lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits
+// with one lane: a thread per token, a GEMV row against a transposed copy of
+// Wr (SIMD over experts). With vector lanes (GPUs): a team per block of
+// tokens computes its logits as a small GEMM (two tokens x four experts per
+// thread), then softmax and top-k with the lanes over the experts, and writes
+// its share of the statistics (no separate statistics kernel).
 // The per-expert statistics and [x 1]^T dlogits are two-stage reductions: per
 // token chunk into a partial buffer, then a fixed-order sum over chunks (hosts
 // use one chunk, so every sum runs in token order as a plain loop would).
@@ -125,6 +128,66 @@ KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow,
     (void)team, (void)xrow, (void)Wt, (void)e0, (void)d, (void)lg;
   }
 }
+
+// The tiled forward's logits of two tokens (rows xa, xb of x) and four experts
+// (columns e0..e0+3 of the weight, rows ldw apart) from 16-byte vectors of x
+// and float4 of the weight, summed in the order of i from the bias in a0, a1.
+template <int XV, class T>
+KOKKOS_INLINE_FUNCTION void router_pair_quad(T const *xa, T const *xb, float const *w, std::size_t ldw, int d,
+                                             float (&a0)[4], float (&a1)[4]) {
+  if constexpr (XV > 0) {
+    for (int i0 = 0; i0 < d; i0 += XV) {
+      float va[XV], vb[XV];
+      router_load_x(xa + i0, va);
+      router_load_x(xb + i0, vb);
+      for (int u = 0; u < XV; ++u) {
+        RouterFloat4 const wv = *reinterpret_cast<RouterFloat4 const *>(w + (i0 + u) * ldw);
+        for (int q = 0; q < 4; ++q) {
+          a0[q] += va[u] * wv.v[q];
+          a1[q] += vb[u] * wv.v[q];
+        }
+      }
+    }
+  } else {
+    (void)xa, (void)xb, (void)w, (void)ldw, (void)d, (void)a0, (void)a1;
+  }
+}
+
+// Nested-reduction values (joined with +=, identity from the default
+// constructor, as Kokkos's sum reductions require): the maximum, and the
+// largest probability with ties to the lower expert.
+template <class Acc>
+struct RouterMax {
+  Acc v;
+  bool set;
+  KOKKOS_INLINE_FUNCTION RouterMax() : v(Acc(0)), set(false) {}
+  KOKKOS_INLINE_FUNCTION void take(Acc x) {
+    if (!set || x > v) {
+      v = x;
+      set = true;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION RouterMax &operator+=(RouterMax const &o) {
+    if (o.set) take(o.v);
+    return *this;
+  }
+};
+template <class Acc>
+struct RouterArgMax {
+  Acc v;
+  int e;
+  KOKKOS_INLINE_FUNCTION RouterArgMax() : v(Acc(-1)), e(-1) {}
+  KOKKOS_INLINE_FUNCTION void take(Acc pv, int pe) {
+    if (e < 0 || pv > v || (pv == v && pe < e)) {
+      v = pv;
+      e = pe;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION RouterArgMax &operator+=(RouterArgMax const &o) {
+    if (o.e >= 0) take(o.v, o.e);
+    return *this;
+  }
+};
 
 // A block of logits summed across vector lanes (default-constructed zero: the
 // identity of Kokkos's nested sum reductions).
@@ -255,7 +318,129 @@ class Router {
                      reinterpret_cast<std::uintptr_t>(Wt.data()) % 16 == 0 && Wt.stride_0() % 4 == 0;
     std::size_t const row_bytes = sizeof(Acc) * Ep + sizeof(int) * k;
     std::size_t const row_pitch = (row_bytes + 15) / 16 * 16;
-    if (T_ > 0) {
+    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
+    auto sn = count_part_;  // [chunks, Ep]: assignments to e
+    int const TT = tiled_tokens();
+    int const nstat = TT > 0 ? detail::router_chunks(T_, TT) : nch;
+    if (T_ > 0 && TT > 0) {
+      // Tiled (shapes with vector lanes, the GPU default): a team takes TT
+      // tokens. Its ts x vl threads compute the logits as a small GEMM, each
+      // thread two tokens x four experts over the whole of d (sums in the
+      // order of i from the bias, as the one-lane path), into team scratch;
+      // then a thread per token runs softmax and top-k with its lanes over
+      // the experts; then the team writes its partial statistics (the
+      // router_stats of the other path) as chunk c = its league rank.
+      auto W = weight;
+      std::size_t const ldw = W.stride_0();
+      bool const wvec = XV > 0 && d % XVd == 0 && x.stride_0() % XVd == 0 &&
+                        reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0 && E % 4 == 0 && ldw % 4 == 0 &&
+                        reinterpret_cast<std::uintptr_t>(W.data()) % 16 == 0;
+      int const NQ = Ep / 4, NT = ts * vl, npairs = TT / 2;
+      std::size_t const lg_bytes = sizeof(Acc) * (std::size_t(TT) * Ep + TT), sel_bytes = sizeof(int) * TT * k;
+      auto pol = compat::light(policy(space, nstat, ts, vl));
+      pol.set_scratch_size(0, Kokkos::PerTeam(lg_bytes + sel_bytes + 64));
+      Kokkos::parallel_for(
+          "hexamoe::router_forward", pol, KOKKOS_LAMBDA(member const &team) {
+            Acc *sl = static_cast<Acc *>(team.team_shmem().get_shmem(lg_bytes));  // [TT][Ep] logits, then p
+            Acc *sz = sl + std::size_t(TT) * Ep;                                   // [TT] lse
+            int *ss = static_cast<int *>(team.team_shmem().get_shmem(sel_bytes));  // [TT][k] experts chosen
+            int const c = team.league_rank(), t0 = c * TT, nt = T_ - t0 < TT ? T_ - t0 : TT;
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
+              Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
+                for (int it = r * vl + l; it < npairs * NQ; it += NT) {
+                  int const tp = it / NQ, e0 = (it % NQ) * 4;
+                  // Rows past the tokens repeat the last one (computed, never used).
+                  int const ta = 2 * tp < nt ? t0 + 2 * tp : T_ - 1, tb = 2 * tp + 1 < nt ? t0 + 2 * tp + 1 : T_ - 1;
+                  Acc a0[4], a1[4];
+                  for (int q = 0; q < 4; ++q) a0[q] = a1[q] = e0 + q < E ? b(e0 + q) : Acc(0);
+                  if constexpr (XV > 0) {
+                    if (wvec) detail::router_pair_quad<XV>(&x(ta, 0), &x(tb, 0), &W(0, e0), ldw, d, a0, a1);
+                  }
+                  if (!wvec) {
+                    for (int i = 0; i < d; ++i) {
+                      Acc const xa = to_acc<Acc>(x(ta, i)), xb = to_acc<Acc>(x(tb, i));
+                      for (int q = 0; q < 4; ++q) {
+                        Acc const w = e0 + q < E ? W(i, e0 + q) : Acc(0);
+                        a0[q] += xa * w;
+                        a1[q] += xb * w;
+                      }
+                    }
+                  }
+                  for (int q = 0; q < 4; ++q) {
+                    sl[std::size_t(2 * tp) * Ep + e0 + q] = a0[q];
+                    sl[std::size_t(2 * tp + 1) * Ep + e0 + q] = a1[q];
+                  }
+                }
+              });
+            });
+            team.team_barrier();
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, nt), [&](int tt) {
+              int const t = t0 + tt;
+              Acc *row = sl + std::size_t(tt) * Ep;
+              int *sel = ss + tt * k;
+              detail::RouterMax<Acc> mx;
+              Kokkos::parallel_reduce(
+                  Kokkos::ThreadVectorRange(team, E), [&](int e, detail::RouterMax<Acc> &m) { m.take(row[e]); }, mx);
+              Acc sum = 0;
+              Kokkos::parallel_reduce(
+                  Kokkos::ThreadVectorRange(team, E),
+                  [&](int e, Acc &s) {
+                    Acc const v = compat::exp(row[e] - mx.v);
+                    row[e] = v;
+                    s += v;
+                  },
+                  sum);
+              Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, E), [&](int e) {
+                Acc const pv = row[e] / sum;
+                row[e] = pv;
+                P(t, e) = pv;
+              });
+              // Top-k by repeated selection: largest first, ties to the lower expert.
+              Acc z = 0;
+              for (int j = 0; j < k; ++j) {
+                detail::RouterArgMax<Acc> best;
+                Kokkos::parallel_reduce(
+                    Kokkos::ThreadVectorRange(team, E),
+                    [&](int e, detail::RouterArgMax<Acc> &a) {
+                      bool taken = false;
+                      for (int m = 0; m < j; ++m) taken = taken || sel[m] == e;
+                      if (!taken) a.take(row[e], e);
+                    },
+                    best);
+                sel[j] = best.e;  // every lane writes the same value, and reads back its own
+                z += best.v;
+                Kokkos::single(Kokkos::PerThread(team), [&]() {
+                  I(t, j) = best.e;
+                  G(t * k + j) = best.v;
+                });
+              }
+              Kokkos::single(Kokkos::PerThread(team), [&]() {
+                Acc const ls = mx.v + compat::log(sum);
+                L(t) = ls;
+                sz[tt] = ls;
+                if (renorm)
+                  for (int j = 0; j < k; ++j) G(t * k + j) = row[sel[j]] / z;
+              });
+            });
+            team.team_barrier();
+            // This team's statistics, each in token order.
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, Ep + 1), [&](int e) {
+              Acc s = 0;
+              if (e < Ep) {
+                int n = 0;
+                for (int tt = 0; tt < nt; ++tt) {
+                  if (e < E) s += sl[std::size_t(tt) * Ep + e];
+                  for (int j = 0; j < k; ++j) n += ss[tt * k + j] == e ? 1 : 0;
+                }
+                sp(c, e) = s;
+                sn(c, e) = n;
+              } else {
+                for (int tt = 0; tt < nt; ++tt) s += sz[tt] * sz[tt];
+                sp(c, Ep) = s;
+              }
+            });
+          });
+    } else if (T_ > 0) {
       auto pol = compat::light(policy(space, (T_ + ts - 1) / ts, ts, vl));
       pol.set_scratch_size(0, Kokkos::PerTeam(row_pitch * ts + 64));
       Kokkos::parallel_for(
@@ -331,9 +516,7 @@ class Router {
 
     // Statistics per token chunk: each team thread reduces a contiguous share
     // of the chunk over its lanes, the team adds the shares in thread order.
-    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
-    auto sn = count_part_;  // [chunks, Ep]: assignments to e
-    if (T_ > 0) {
+    if (T_ > 0 && TT == 0) {
       auto pol = compat::light(policy(space, nch, ts, vl));
       std::size_t const acc_bytes = sizeof(Acc) * ts * (Ep + 1), int_bytes = sizeof(int) * ts * Ep;
       pol.set_scratch_size(0, Kokkos::PerTeam(acc_bytes + int_bytes + 64));
@@ -399,9 +582,9 @@ class Router {
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E + 1), [&](int e) {
               Acc p = 0;
               Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, nch), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
+                  Kokkos::ThreadVectorRange(team, nstat), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
               int n = 0;
-              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nch), [&](int c, int &s) { s += sn(c, e); }, n);
+              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nstat), [&](int c, int &s) { s += sn(c, e); }, n);
               Kokkos::single(Kokkos::PerThread(team), [&]() {
                 if (e < E) {
                   Acc const f = T_ > 0 ? Acc(n) / Acc(T_ * k) : Acc(0);
@@ -573,6 +756,16 @@ class Router {
     wgrad_part_ = {};
   }
 
+  // Tokens per team of the tiled forward (0: the one-lane path, host default):
+  // enough pairs of tokens that the (pair, block of 4 experts) items fill the
+  // team's threads, at most 64.
+  int tiled_tokens() const {
+    if (shape_.vector <= 1) return 0;
+    int const nq = detail::router_padded_experts(experts_) / 4, nt = shape_.team * shape_.vector;
+    int const pairs = nt / nq > 1 ? nt / nq : 1;
+    return 2 * (pairs < 32 ? pairs : 32);
+  }
+
   // Per-forward buffers, reallocated only when the token count (or the shape) changes.
   void ensure(ExecutionSpace const &space, int T_) {
     int const E = experts_, k = opt_.top_k, Ep = detail::router_padded_experts(E);
@@ -588,12 +781,16 @@ class Router {
           Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.idx"), T_, k);
       gate = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.gate"), T_ * k);
     }
+    auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
     int const nch = detail::router_chunks(T_, shape_.chunk);
-    if (static_cast<int>(wgrad_part_.extent(0)) != nch) {
-      auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
-      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nch, Ep + 1);
-      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nch, Ep);
+    if (static_cast<int>(wgrad_part_.extent(0)) != nch)
       wgrad_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.weight_grad_partials"), nch, (dim_ + 1) * E);
+    // The statistics' partials: per token chunk, or per team of the tiled forward.
+    int const TT = tiled_tokens();
+    int const nstat = TT > 0 ? detail::router_chunks(T_, TT) : nch;
+    if (static_cast<int>(stat_part_.extent(0)) != nstat) {
+      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nstat, Ep + 1);
+      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nstat, Ep);
     }
   }
 
