@@ -129,29 +129,14 @@ KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow,
   }
 }
 
-// The tiled forward's logits of two tokens (rows xa, xb of x) and four experts
-// (columns e0..e0+3 of the weight, rows ldw apart) from 16-byte vectors of x
-// and float4 of the weight, summed in the order of i from the bias in a0, a1.
-template <int XV, class T>
-KOKKOS_INLINE_FUNCTION void router_pair_quad(T const *xa, T const *xb, float const *w, std::size_t ldw, int d,
-                                             float (&a0)[4], float (&a1)[4]) {
-  if constexpr (XV > 0) {
-    for (int i0 = 0; i0 < d; i0 += XV) {
-      float va[XV], vb[XV];
-      router_load_x(xa + i0, va);
-      router_load_x(xb + i0, vb);
-      for (int u = 0; u < XV; ++u) {
-        RouterFloat4 const wv = *reinterpret_cast<RouterFloat4 const *>(w + (i0 + u) * ldw);
-        for (int q = 0; q < 4; ++q) {
-          a0[q] += va[u] * wv.v[q];
-          a1[q] += vb[u] * wv.v[q];
-        }
-      }
-    }
-  } else {
-    (void)xa, (void)xb, (void)w, (void)ldw, (void)d, (void)a0, (void)a1;
-  }
-}
+// Columns of x (rows of Wr) per staged chunk of the tiled forward.
+inline constexpr int router_k_chunk = 32;
+
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define HEXAMOE_ROUTER_UNROLL _Pragma("unroll")
+#else
+#define HEXAMOE_ROUTER_UNROLL
+#endif
 
 // Nested-reduction values (joined with +=, identity from the default
 // constructor, as Kokkos's sum reductions require): the maximum, and the
@@ -324,55 +309,75 @@ class Router {
     int const nstat = TT > 0 ? detail::router_chunks(T_, TT) : nch;
     if (T_ > 0 && TT > 0) {
       // Tiled (shapes with vector lanes, the GPU default): a team takes TT
-      // tokens. Its ts x vl threads compute the logits as a small GEMM, each
-      // thread two tokens x four experts over the whole of d (sums in the
-      // order of i from the bias, as the one-lane path), into team scratch;
-      // then a thread per token runs softmax and top-k with its lanes over
-      // the experts; then the team writes its partial statistics (the
-      // router_stats of the other path) as chunk c = its league rank.
+      // tokens. It computes their logits as a small GEMM in team scratch:
+      // chunks of KC columns of x and rows of Wr are staged (coalesced, all
+      // threads), and each thread adds a chunk into its two tokens x four
+      // experts of the logits (sums in the order of i from the bias, as the
+      // one-lane path). Then a thread per token runs softmax and top-k with
+      // its lanes over the experts; then the team writes its partial
+      // statistics (the router_stats of the other path) as chunk c = its
+      // league rank.
       auto W = weight;
-      std::size_t const ldw = W.stride_0();
-      bool const wvec = XV > 0 && d % XVd == 0 && x.stride_0() % XVd == 0 &&
-                        reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0 && E % 4 == 0 && ldw % 4 == 0 &&
-                        reinterpret_cast<std::uintptr_t>(W.data()) % 16 == 0;
-      int const NQ = Ep / 4, NT = ts * vl, npairs = TT / 2;
+      constexpr int KC = detail::router_k_chunk, KP = KC + 4;
+      int const NQ = Ep / 4, npairs = TT / 2;
       std::size_t const lg_bytes = sizeof(Acc) * (std::size_t(TT) * Ep + TT), sel_bytes = sizeof(int) * TT * k;
+      std::size_t const xs_bytes = sizeof(Acc) * TT * KP, ws_bytes = sizeof(Acc) * KC * Ep;
       auto pol = compat::light(policy(space, nstat, ts, vl));
-      pol.set_scratch_size(0, Kokkos::PerTeam(lg_bytes + sel_bytes + 64));
+      pol.set_scratch_size(0, Kokkos::PerTeam(lg_bytes + xs_bytes + ws_bytes + sel_bytes + 128));
       Kokkos::parallel_for(
           "hexamoe::router_forward", pol, KOKKOS_LAMBDA(member const &team) {
             Acc *sl = static_cast<Acc *>(team.team_shmem().get_shmem(lg_bytes));  // [TT][Ep] logits, then p
             Acc *sz = sl + std::size_t(TT) * Ep;                                   // [TT] lse
+            Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(xs_bytes));  // [TT][KP] chunk of x
+            Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(ws_bytes));  // [KC][Ep] chunk of Wr
             int *ss = static_cast<int *>(team.team_shmem().get_shmem(sel_bytes));  // [TT][k] experts chosen
             int const c = team.league_rank(), t0 = c * TT, nt = T_ - t0 < TT ? T_ - t0 : TT;
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
-              Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
-                for (int it = r * vl + l; it < npairs * NQ; it += NT) {
-                  int const tp = it / NQ, e0 = (it % NQ) * 4;
-                  // Rows past the tokens repeat the last one (computed, never used).
-                  int const ta = 2 * tp < nt ? t0 + 2 * tp : T_ - 1, tb = 2 * tp + 1 < nt ? t0 + 2 * tp + 1 : T_ - 1;
-                  Acc a0[4], a1[4];
-                  for (int q = 0; q < 4; ++q) a0[q] = a1[q] = e0 + q < E ? b(e0 + q) : Acc(0);
-                  if constexpr (XV > 0) {
-                    if (wvec) detail::router_pair_quad<XV>(&x(ta, 0), &x(tb, 0), &W(0, e0), ldw, d, a0, a1);
-                  }
-                  if (!wvec) {
-                    for (int i = 0; i < d; ++i) {
-                      Acc const xa = to_acc<Acc>(x(ta, i)), xb = to_acc<Acc>(x(tb, i));
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, TT * Ep), [&](int j) {
+              int const e = j % Ep;
+              sl[j] = e < E ? b(e) : Acc(0);
+            });
+            for (int k0 = 0; k0 < d; k0 += KC) {
+              int const kc = d - k0 < KC ? d - k0 : KC;
+              team.team_barrier();  // the last chunk is consumed
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, TT * KC), [&](int j) {
+                int const tt = j / KC, kk = j % KC;
+                xs[tt * KP + kk] = tt < nt && kk < kc ? to_acc<Acc>(x(t0 + tt, k0 + kk)) : Acc(0);
+              });
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, KC * Ep), [&](int j) {
+                int const kk = j / Ep, e = j % Ep;
+                ws[j] = kk < kc && e < E ? W(k0 + kk, e) : Acc(0);
+              });
+              team.team_barrier();
+              // (Past kc both chunks are zero: adding 0 * 0 leaves every sum as it is.)
+              Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
+                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
+                  int const it = r * vl + l;
+                  if (it < npairs * NQ) {
+                    int const tp = it / NQ, e0 = (it % NQ) * 4;
+                    Acc *ra = sl + std::size_t(2 * tp) * Ep + e0, *rb = ra + Ep;
+                    Acc const *xa = xs + 2 * tp * KP, *xb = xa + KP;
+                    Acc a0[4], a1[4];
+                    for (int q = 0; q < 4; ++q) {
+                      a0[q] = ra[q];
+                      a1[q] = rb[q];
+                    }
+HEXAMOE_ROUTER_UNROLL
+                    for (int kk = 0; kk < KC; ++kk) {
+                      Acc const va = xa[kk], vb = xb[kk];
+                      Acc const *w = ws + kk * Ep + e0;
                       for (int q = 0; q < 4; ++q) {
-                        Acc const w = e0 + q < E ? W(i, e0 + q) : Acc(0);
-                        a0[q] += xa * w;
-                        a1[q] += xb * w;
+                        a0[q] += va * w[q];
+                        a1[q] += vb * w[q];
                       }
                     }
+                    for (int q = 0; q < 4; ++q) {
+                      ra[q] = a0[q];
+                      rb[q] = a1[q];
+                    }
                   }
-                  for (int q = 0; q < 4; ++q) {
-                    sl[std::size_t(2 * tp) * Ep + e0 + q] = a0[q];
-                    sl[std::size_t(2 * tp + 1) * Ep + e0 + q] = a1[q];
-                  }
-                }
+                });
               });
-            });
+            }
             team.team_barrier();
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, nt), [&](int tt) {
               int const t = t0 + tt;
@@ -756,12 +761,14 @@ class Router {
     wgrad_part_ = {};
   }
 
-  // Tokens per team of the tiled forward (0: the one-lane path, host default):
-  // enough pairs of tokens that the (pair, block of 4 experts) items fill the
-  // team's threads, at most 64.
+  // Tokens per team of the tiled forward (0: the per-token path, the host
+  // default): enough pairs of tokens that the (pair, block of 4 experts)
+  // items fill the team's threads, at most 64.
+  // Up to 128 experts (team scratch holds a [32][Epad] chunk of Wr) and one
+  // item per thread; else the per-token path.
   int tiled_tokens() const {
-    if (shape_.vector <= 1) return 0;
     int const nq = detail::router_padded_experts(experts_) / 4, nt = shape_.team * shape_.vector;
+    if (shape_.vector <= 1 || experts_ > 128 || nq > nt) return 0;
     int const pairs = nt / nq > 1 ? nt / nq : 1;
     return 2 * (pairs < 32 ? pairs : 32);
   }
