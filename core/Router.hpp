@@ -130,7 +130,9 @@ KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow,
 }
 
 // Columns of x (rows of Wr) per staged chunk of the tiled forward.
-inline constexpr int router_k_chunk = 32;
+inline constexpr int router_k_chunk = 64;
+// Elements a thread stages per batch (loads first, then stores).
+inline constexpr int router_stage_batch = 8;
 
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define HEXAMOE_ROUTER_UNROLL _Pragma("unroll")
@@ -319,7 +321,7 @@ class Router {
       // league rank.
       auto W = weight;
       constexpr int KC = detail::router_k_chunk, KP = KC + 4;
-      int const NQ = Ep / 4, npairs = TT / 2;
+      int const NQ = Ep / 4, NT = ts * vl, npairs = TT / 2;
       std::size_t const lg_bytes = sizeof(Acc) * (std::size_t(TT) * Ep + TT), sel_bytes = sizeof(int) * TT * k;
       std::size_t const xs_bytes = sizeof(Acc) * TT * KP, ws_bytes = sizeof(Acc) * KC * Ep;
       auto pol = compat::light(policy(space, nstat, ts, vl));
@@ -339,13 +341,35 @@ class Router {
             for (int k0 = 0; k0 < d; k0 += KC) {
               int const kc = d - k0 < KC ? d - k0 : KC;
               team.team_barrier();  // the last chunk is consumed
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, TT * KC), [&](int j) {
-                int const tt = j / KC, kk = j % KC;
-                xs[tt * KP + kk] = tt < nt && kk < kc ? to_acc<Acc>(x(t0 + tt, k0 + kk)) : Acc(0);
-              });
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, KC * Ep), [&](int j) {
-                int const kk = j / Ep, e = j % Ep;
-                ws[j] = kk < kc && e < E ? W(k0 + kk, e) : Acc(0);
+              // Each thread loads a batch of SB elements before it stores
+              // any, so that the batch's global loads are in flight together.
+              Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
+                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
+                  constexpr int SB = detail::router_stage_batch;
+                  int const f = r * vl + l;
+                  for (int j0 = f; j0 < TT * KC; j0 += SB * NT) {
+                    Acc v[SB];
+                    for (int u = 0; u < SB; ++u) {
+                      int const j = j0 + u * NT, tt = j / KC, kk = j % KC;
+                      v[u] = j < TT * KC && tt < nt && kk < kc ? to_acc<Acc>(x(t0 + tt, k0 + kk)) : Acc(0);
+                    }
+                    for (int u = 0; u < SB; ++u) {
+                      int const j = j0 + u * NT;
+                      if (j < TT * KC) xs[(j / KC) * KP + j % KC] = v[u];
+                    }
+                  }
+                  for (int j0 = f; j0 < KC * Ep; j0 += SB * NT) {
+                    Acc v[SB];
+                    for (int u = 0; u < SB; ++u) {
+                      int const j = j0 + u * NT, kk = j / Ep, e = j % Ep;
+                      v[u] = j < KC * Ep && kk < kc && e < E ? W(k0 + kk, e) : Acc(0);
+                    }
+                    for (int u = 0; u < SB; ++u) {
+                      int const j = j0 + u * NT;
+                      if (j < KC * Ep) ws[j] = v[u];
+                    }
+                  }
+                });
               });
               team.team_barrier();
               // (Past kc both chunks are zero: adding 0 * 0 leaves every sum as it is.)
@@ -585,11 +609,38 @@ HEXAMOE_ROUTER_UNROLL
           "hexamoe::router_losses", pol, KOKKOS_LAMBDA(member const &team) {
             Acc *fp = static_cast<Acc *>(team.team_shmem().get_shmem(bytes));  // f_e, P_e, sum lse^2
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E + 1), [&](int e) {
+              // Lane l sums chunks l, l + vl, ... in order, loading a batch
+              // of SB before adding (the loads in flight together); then
+              // the lanes' sums are reduced.
+              constexpr int SB = detail::router_stage_batch;
+              int const col = e < E ? e : Ep;
               Acc p = 0;
               Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, nstat), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
+                  Kokkos::ThreadVectorRange(team, vl),
+                  [&](int l, Acc &s) {
+                    Acc a = 0;
+                    for (int c0 = l; c0 < nstat; c0 += SB * vl) {
+                      Acc v[SB];
+                      for (int u = 0; u < SB; ++u) v[u] = c0 + u * vl < nstat ? sp(c0 + u * vl, col) : Acc(0);
+                      for (int u = 0; u < SB; ++u) a += v[u];
+                    }
+                    s += a;
+                  },
+                  p);
               int n = 0;
-              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nstat), [&](int c, int &s) { s += sn(c, e); }, n);
+              if (e < E)
+                Kokkos::parallel_reduce(
+                    Kokkos::ThreadVectorRange(team, vl),
+                    [&](int l, int &s) {
+                      int a = 0;
+                      for (int c0 = l; c0 < nstat; c0 += SB * vl) {
+                        int v[SB];
+                        for (int u = 0; u < SB; ++u) v[u] = c0 + u * vl < nstat ? sn(c0 + u * vl, e) : 0;
+                        for (int u = 0; u < SB; ++u) a += v[u];
+                      }
+                      s += a;
+                    },
+                    n);
               Kokkos::single(Kokkos::PerThread(team), [&]() {
                 if (e < E) {
                   Acc const f = T_ > 0 ? Acc(n) / Acc(T_ * k) : Acc(0);
@@ -763,14 +814,15 @@ HEXAMOE_ROUTER_UNROLL
 
   // Tokens per team of the tiled forward (0: the per-token path, the host
   // default): enough pairs of tokens that the (pair, block of 4 experts)
-  // items fill the team's threads, at most 64.
-  // Up to 128 experts (team scratch holds a [32][Epad] chunk of Wr) and one
+  // items fill the team's threads, at most 32 (more teams in flight hide
+  // the staging loads' latency).
+  // Up to 64 experts (team scratch holds a [64][Epad] chunk of Wr) and one
   // item per thread; else the per-token path.
   int tiled_tokens() const {
     int const nq = detail::router_padded_experts(experts_) / 4, nt = shape_.team * shape_.vector;
-    if (shape_.vector <= 1 || experts_ > 128 || nq > nt) return 0;
+    if (shape_.vector <= 1 || experts_ > 64 || nq > nt) return 0;
     int const pairs = nt / nq > 1 ? nt / nq : 1;
-    return 2 * (pairs < 32 ? pairs : 32);
+    return 2 * (pairs < 16 ? pairs : 16);
   }
 
   // Per-forward buffers, reallocated only when the token count (or the shape) changes.
