@@ -10,12 +10,9 @@
 // into dWr, dbr and the router's share of dx.
 //
 // Kernels are hierarchical (team threads x vector lanes; one thread and one
-// lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits
-// with one lane: a thread per token, a GEMV row against a transposed copy of
-// Wr (SIMD over experts). With vector lanes (GPUs): a team per block of
-// tokens computes its logits as a small GEMM (two tokens x four experts per
-// thread), then softmax and top-k with the lanes over the experts, and writes
-// its share of the statistics (no separate statistics kernel).
+// lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
+// a thread per token, vector-lane reductions over d (coalesced rows of x)
+// against a transposed copy of Wr (one lane: a GEMV row, SIMD over experts).
 // The per-expert statistics and [x 1]^T dlogits are two-stage reductions: per
 // token chunk into a partial buffer, then a fixed-order sum over chunks (hosts
 // use one chunk, so every sum runs in token order as a plain loop would).
@@ -128,53 +125,6 @@ KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow,
     (void)team, (void)xrow, (void)Wt, (void)e0, (void)d, (void)lg;
   }
 }
-
-// Columns of x (rows of Wr) per staged chunk of the tiled forward.
-inline constexpr int router_k_chunk = 64;
-// Elements a thread stages per batch (loads first, then stores).
-inline constexpr int router_stage_batch = 8;
-
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-#define HEXAMOE_ROUTER_UNROLL _Pragma("unroll")
-#else
-#define HEXAMOE_ROUTER_UNROLL
-#endif
-
-// Nested-reduction values (joined with +=, identity from the default
-// constructor, as Kokkos's sum reductions require): the maximum, and the
-// largest probability with ties to the lower expert.
-template <class Acc>
-struct RouterMax {
-  Acc v;
-  bool set;
-  KOKKOS_INLINE_FUNCTION RouterMax() : v(Acc(0)), set(false) {}
-  KOKKOS_INLINE_FUNCTION void take(Acc x) {
-    if (!set || x > v) {
-      v = x;
-      set = true;
-    }
-  }
-  KOKKOS_INLINE_FUNCTION RouterMax &operator+=(RouterMax const &o) {
-    if (o.set) take(o.v);
-    return *this;
-  }
-};
-template <class Acc>
-struct RouterArgMax {
-  Acc v;
-  int e;
-  KOKKOS_INLINE_FUNCTION RouterArgMax() : v(Acc(-1)), e(-1) {}
-  KOKKOS_INLINE_FUNCTION void take(Acc pv, int pe) {
-    if (e < 0 || pv > v || (pv == v && pe < e)) {
-      v = pv;
-      e = pe;
-    }
-  }
-  KOKKOS_INLINE_FUNCTION RouterArgMax &operator+=(RouterArgMax const &o) {
-    if (o.e >= 0) take(o.v, o.e);
-    return *this;
-  }
-};
 
 // A block of logits summed across vector lanes (default-constructed zero: the
 // identity of Kokkos's nested sum reductions).
@@ -305,171 +255,7 @@ class Router {
                      reinterpret_cast<std::uintptr_t>(Wt.data()) % 16 == 0 && Wt.stride_0() % 4 == 0;
     std::size_t const row_bytes = sizeof(Acc) * Ep + sizeof(int) * k;
     std::size_t const row_pitch = (row_bytes + 15) / 16 * 16;
-    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
-    auto sn = count_part_;  // [chunks, Ep]: assignments to e
-    int const TT = tiled_tokens();
-    int const nstat = TT > 0 ? detail::router_chunks(T_, TT) : nch;
-    if (T_ > 0 && TT > 0) {
-      // Tiled (shapes with vector lanes, the GPU default): a team takes TT
-      // tokens. It computes their logits as a small GEMM in team scratch:
-      // chunks of KC columns of x and rows of Wr are staged (coalesced, all
-      // threads), and each thread adds a chunk into its two tokens x four
-      // experts of the logits (sums in the order of i from the bias, as the
-      // one-lane path). Then a thread per token runs softmax and top-k with
-      // its lanes over the experts; then the team writes its partial
-      // statistics (the router_stats of the other path) as chunk c = its
-      // league rank.
-      auto W = weight;
-      constexpr int KC = detail::router_k_chunk, KP = KC + 4;
-      int const NQ = Ep / 4, NT = ts * vl, npairs = TT / 2;
-      std::size_t const lg_bytes = sizeof(Acc) * (std::size_t(TT) * Ep + TT), sel_bytes = sizeof(int) * TT * k;
-      std::size_t const xs_bytes = sizeof(Acc) * TT * KP, ws_bytes = sizeof(Acc) * KC * Ep;
-      auto pol = compat::light(policy(space, nstat, ts, vl));
-      pol.set_scratch_size(0, Kokkos::PerTeam(lg_bytes + xs_bytes + ws_bytes + sel_bytes + 128));
-      Kokkos::parallel_for(
-          "hexamoe::router_forward", pol, KOKKOS_LAMBDA(member const &team) {
-            Acc *sl = static_cast<Acc *>(team.team_shmem().get_shmem(lg_bytes));  // [TT][Ep] logits, then p
-            Acc *sz = sl + std::size_t(TT) * Ep;                                   // [TT] lse
-            Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(xs_bytes));  // [TT][KP] chunk of x
-            Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(ws_bytes));  // [KC][Ep] chunk of Wr
-            int *ss = static_cast<int *>(team.team_shmem().get_shmem(sel_bytes));  // [TT][k] experts chosen
-            int const c = team.league_rank(), t0 = c * TT, nt = T_ - t0 < TT ? T_ - t0 : TT;
-            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, TT * Ep), [&](int j) {
-              int const e = j % Ep;
-              sl[j] = e < E ? b(e) : Acc(0);
-            });
-            for (int k0 = 0; k0 < d; k0 += KC) {
-              int const kc = d - k0 < KC ? d - k0 : KC;
-              team.team_barrier();  // the last chunk is consumed
-              // Each thread loads a batch of SB elements before it stores
-              // any, so that the batch's global loads are in flight together.
-              Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
-                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
-                  constexpr int SB = detail::router_stage_batch;
-                  int const f = r * vl + l;
-                  for (int j0 = f; j0 < TT * KC; j0 += SB * NT) {
-                    Acc v[SB];
-                    for (int u = 0; u < SB; ++u) {
-                      int const j = j0 + u * NT, tt = j / KC, kk = j % KC;
-                      v[u] = j < TT * KC && tt < nt && kk < kc ? to_acc<Acc>(x(t0 + tt, k0 + kk)) : Acc(0);
-                    }
-                    for (int u = 0; u < SB; ++u) {
-                      int const j = j0 + u * NT;
-                      if (j < TT * KC) xs[(j / KC) * KP + j % KC] = v[u];
-                    }
-                  }
-                  for (int j0 = f; j0 < KC * Ep; j0 += SB * NT) {
-                    Acc v[SB];
-                    for (int u = 0; u < SB; ++u) {
-                      int const j = j0 + u * NT, kk = j / Ep, e = j % Ep;
-                      v[u] = j < KC * Ep && kk < kc && e < E ? W(k0 + kk, e) : Acc(0);
-                    }
-                    for (int u = 0; u < SB; ++u) {
-                      int const j = j0 + u * NT;
-                      if (j < KC * Ep) ws[j] = v[u];
-                    }
-                  }
-                });
-              });
-              team.team_barrier();
-              // (Past kc both chunks are zero: adding 0 * 0 leaves every sum as it is.)
-              Kokkos::parallel_for(Kokkos::TeamThreadRange(team, ts), [&](int r) {
-                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, vl), [&](int l) {
-                  int const it = r * vl + l;
-                  if (it < npairs * NQ) {
-                    int const tp = it / NQ, e0 = (it % NQ) * 4;
-                    Acc *ra = sl + std::size_t(2 * tp) * Ep + e0, *rb = ra + Ep;
-                    Acc const *xa = xs + 2 * tp * KP, *xb = xa + KP;
-                    Acc a0[4], a1[4];
-                    for (int q = 0; q < 4; ++q) {
-                      a0[q] = ra[q];
-                      a1[q] = rb[q];
-                    }
-HEXAMOE_ROUTER_UNROLL
-                    for (int kk = 0; kk < KC; ++kk) {
-                      Acc const va = xa[kk], vb = xb[kk];
-                      Acc const *w = ws + kk * Ep + e0;
-                      for (int q = 0; q < 4; ++q) {
-                        a0[q] += va * w[q];
-                        a1[q] += vb * w[q];
-                      }
-                    }
-                    for (int q = 0; q < 4; ++q) {
-                      ra[q] = a0[q];
-                      rb[q] = a1[q];
-                    }
-                  }
-                });
-              });
-            }
-            team.team_barrier();
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, nt), [&](int tt) {
-              int const t = t0 + tt;
-              Acc *row = sl + std::size_t(tt) * Ep;
-              int *sel = ss + tt * k;
-              detail::RouterMax<Acc> mx;
-              Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, E), [&](int e, detail::RouterMax<Acc> &m) { m.take(row[e]); }, mx);
-              Acc sum = 0;
-              Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, E),
-                  [&](int e, Acc &s) {
-                    Acc const v = compat::exp(row[e] - mx.v);
-                    row[e] = v;
-                    s += v;
-                  },
-                  sum);
-              Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, E), [&](int e) {
-                Acc const pv = row[e] / sum;
-                row[e] = pv;
-                P(t, e) = pv;
-              });
-              // Top-k by repeated selection: largest first, ties to the lower expert.
-              Acc z = 0;
-              for (int j = 0; j < k; ++j) {
-                detail::RouterArgMax<Acc> best;
-                Kokkos::parallel_reduce(
-                    Kokkos::ThreadVectorRange(team, E),
-                    [&](int e, detail::RouterArgMax<Acc> &a) {
-                      bool taken = false;
-                      for (int m = 0; m < j; ++m) taken = taken || sel[m] == e;
-                      if (!taken) a.take(row[e], e);
-                    },
-                    best);
-                sel[j] = best.e;  // every lane writes the same value, and reads back its own
-                z += best.v;
-                Kokkos::single(Kokkos::PerThread(team), [&]() {
-                  I(t, j) = best.e;
-                  G(t * k + j) = best.v;
-                });
-              }
-              Kokkos::single(Kokkos::PerThread(team), [&]() {
-                Acc const ls = mx.v + compat::log(sum);
-                L(t) = ls;
-                sz[tt] = ls;
-                if (renorm)
-                  for (int j = 0; j < k; ++j) G(t * k + j) = row[sel[j]] / z;
-              });
-            });
-            team.team_barrier();
-            // This team's statistics, each in token order.
-            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, Ep + 1), [&](int e) {
-              Acc s = 0;
-              if (e < Ep) {
-                int n = 0;
-                for (int tt = 0; tt < nt; ++tt) {
-                  if (e < E) s += sl[std::size_t(tt) * Ep + e];
-                  for (int j = 0; j < k; ++j) n += ss[tt * k + j] == e ? 1 : 0;
-                }
-                sp(c, e) = s;
-                sn(c, e) = n;
-              } else {
-                for (int tt = 0; tt < nt; ++tt) s += sz[tt] * sz[tt];
-                sp(c, Ep) = s;
-              }
-            });
-          });
-    } else if (T_ > 0) {
+    if (T_ > 0) {
       auto pol = compat::light(policy(space, (T_ + ts - 1) / ts, ts, vl));
       pol.set_scratch_size(0, Kokkos::PerTeam(row_pitch * ts + 64));
       Kokkos::parallel_for(
@@ -545,7 +331,9 @@ HEXAMOE_ROUTER_UNROLL
 
     // Statistics per token chunk: each team thread reduces a contiguous share
     // of the chunk over its lanes, the team adds the shares in thread order.
-    if (T_ > 0 && TT == 0) {
+    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
+    auto sn = count_part_;  // [chunks, Ep]: assignments to e
+    if (T_ > 0) {
       auto pol = compat::light(policy(space, nch, ts, vl));
       std::size_t const acc_bytes = sizeof(Acc) * ts * (Ep + 1), int_bytes = sizeof(int) * ts * Ep;
       pol.set_scratch_size(0, Kokkos::PerTeam(acc_bytes + int_bytes + 64));
@@ -609,38 +397,11 @@ HEXAMOE_ROUTER_UNROLL
           "hexamoe::router_losses", pol, KOKKOS_LAMBDA(member const &team) {
             Acc *fp = static_cast<Acc *>(team.team_shmem().get_shmem(bytes));  // f_e, P_e, sum lse^2
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E + 1), [&](int e) {
-              // Lane l sums chunks l, l + vl, ... in order, loading a batch
-              // of SB before adding (the loads in flight together); then
-              // the lanes' sums are reduced.
-              constexpr int SB = detail::router_stage_batch;
-              int const col = e < E ? e : Ep;
               Acc p = 0;
               Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, vl),
-                  [&](int l, Acc &s) {
-                    Acc a = 0;
-                    for (int c0 = l; c0 < nstat; c0 += SB * vl) {
-                      Acc v[SB];
-                      for (int u = 0; u < SB; ++u) v[u] = c0 + u * vl < nstat ? sp(c0 + u * vl, col) : Acc(0);
-                      for (int u = 0; u < SB; ++u) a += v[u];
-                    }
-                    s += a;
-                  },
-                  p);
+                  Kokkos::ThreadVectorRange(team, nch), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
               int n = 0;
-              if (e < E)
-                Kokkos::parallel_reduce(
-                    Kokkos::ThreadVectorRange(team, vl),
-                    [&](int l, int &s) {
-                      int a = 0;
-                      for (int c0 = l; c0 < nstat; c0 += SB * vl) {
-                        int v[SB];
-                        for (int u = 0; u < SB; ++u) v[u] = c0 + u * vl < nstat ? sn(c0 + u * vl, e) : 0;
-                        for (int u = 0; u < SB; ++u) a += v[u];
-                      }
-                      s += a;
-                    },
-                    n);
+              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nch), [&](int c, int &s) { s += sn(c, e); }, n);
               Kokkos::single(Kokkos::PerThread(team), [&]() {
                 if (e < E) {
                   Acc const f = T_ > 0 ? Acc(n) / Acc(T_ * k) : Acc(0);
@@ -812,19 +573,6 @@ HEXAMOE_ROUTER_UNROLL
     wgrad_part_ = {};
   }
 
-  // Tokens per team of the tiled forward (0: the per-token path, the host
-  // default): enough pairs of tokens that the (pair, block of 4 experts)
-  // items fill the team's threads, at most 32 (more teams in flight hide
-  // the staging loads' latency).
-  // Up to 64 experts (team scratch holds a [64][Epad] chunk of Wr) and one
-  // item per thread; else the per-token path.
-  int tiled_tokens() const {
-    int const nq = detail::router_padded_experts(experts_) / 4, nt = shape_.team * shape_.vector;
-    if (shape_.vector <= 1 || experts_ > 64 || nq > nt) return 0;
-    int const pairs = nt / nq > 1 ? nt / nq : 1;
-    return 2 * (pairs < 16 ? pairs : 16);
-  }
-
   // Per-forward buffers, reallocated only when the token count (or the shape) changes.
   void ensure(ExecutionSpace const &space, int T_) {
     int const E = experts_, k = opt_.top_k, Ep = detail::router_padded_experts(E);
@@ -840,16 +588,12 @@ HEXAMOE_ROUTER_UNROLL
           Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.idx"), T_, k);
       gate = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.gate"), T_ * k);
     }
-    auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
     int const nch = detail::router_chunks(T_, shape_.chunk);
-    if (static_cast<int>(wgrad_part_.extent(0)) != nch)
+    if (static_cast<int>(wgrad_part_.extent(0)) != nch) {
+      auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
+      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nch, Ep + 1);
+      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nch, Ep);
       wgrad_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.weight_grad_partials"), nch, (dim_ + 1) * E);
-    // The statistics' partials: per token chunk, or per team of the tiled forward.
-    int const TT = tiled_tokens();
-    int const nstat = TT > 0 ? detail::router_chunks(T_, TT) : nch;
-    if (static_cast<int>(stat_part_.extent(0)) != nstat) {
-      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nstat, Ep + 1);
-      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nstat, Ep);
     }
   }
 
