@@ -196,6 +196,11 @@ struct EsmmDeviceKernel {
   bool vec_w;   // W rows likewise
   bool async;   // asynchronous copies allowed (dev::async_copies())
   bool pairs;   // outputs (and bias, act' input) as aligned pairs of elements
+  // Tail split (see dev::TailSplit): the resident team slots (0: off), the
+  // partial accumulators of split tiles and their arrival counters and flags.
+  int tail_slots = 0;
+  Kokkos::View<float *, MemorySpace> tail_part;
+  Kokkos::View<int *, MemorySpace> tail_sync;
 
   // Scratch: the main loop's buffers, reused by the epilogue's staging of
   // 128 x 64 accumulators (and, before the loop, by the experts' tile counts),
@@ -204,7 +209,7 @@ struct EsmmDeviceKernel {
   static constexpr std::size_t main_bytes =
       mma_bf16 && async_bytes > dev::scratch_bytes<M>(BK, false) - 128 ? async_bytes
                                                                        : dev::scratch_bytes<M>(BK, false) - 128;
-  static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4;
+  static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4 + 16;  // (+ one int: the arrival order)
   KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return main_bytes + table_bytes + 128; }
   static int max_experts() { return static_cast<int>(main_bytes / sizeof(int)); }
 
@@ -219,12 +224,31 @@ struct EsmmDeviceKernel {
     // This team's expert and row tile: the experts' tile counts are read
     // once, in parallel, into scratch (tiles never straddle experts).
     int const league = team.league_rank();
-    int const ct = league % k.col_tiles;
-    int tile = league / k.col_tiles;
     int const E = R.num_experts;
     int *ntiles = reinterpret_cast<int *>(smem);
     for (int i = tid; i < E; i += NT) ntiles[i] = (R.counts(i) + BM - 1) / BM;
     team.team_barrier();
+    // Tail split: when the tiles fill one wave of resident teams and leave a
+    // second at most half full, each tile of that second wave runs as two
+    // teams over the two halves of K. (Measured on H200: the narrow h W2 of
+    // Swin-MoE-S stage 3, 363 tiles on 264 slots, 10% faster; x W1, 1452
+    // tiles, a sixth wave half full, 5% slower, so longer runs do not split.)
+    int unit = league, half = -1, slot = -1;
+    if (tail_slots > 0) {
+      int total = 0;
+      for (int i = 0; i < E; ++i) total += ntiles[i];
+      total *= k.col_tiles;
+      int const rem = total % tail_slots;
+      if (total > tail_slots && total < 2 * tail_slots && 2 * rem <= tail_slots && league >= total - rem) {
+        int const j = league - (total - rem);
+        if (j >= 2 * rem) return;  // past the split tiles (the league is an upper bound)
+        unit = total - rem + j / 2;
+        half = j % 2;
+        slot = j / 2;
+      }
+    }
+    int const ct = unit % k.col_tiles;
+    int tile = unit / k.col_tiles;
     int e = 0;
     for (; e < E; ++e) {
       int const nt = ntiles[e];
@@ -249,7 +273,11 @@ struct EsmmDeviceKernel {
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
     if constexpr (mma_bf16) {
       if (vec_x && vec_w && async) {
-        main_loop_bf16_async(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+        int const nk = (k.K + dev::PKH - 1) / dev::PKH;
+        int const ks0 = half == 1 ? nk / 2 : 0, ks1 = half == 0 ? nk / 2 : nk;
+        main_loop_bf16_async(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid, ks0,
+                             ks1);
+        if (half >= 0 && !combine_halves(team, reinterpret_cast<int *>(rgate + BM), acc, slot, tid)) return;
       } else {
         main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
       }
@@ -494,13 +522,64 @@ HEXAMOE_UNROLL
   // the tensor cores work on the oldest; one barrier per stage. Each thread
   // copies one 16-byte chunk of A and one of B per stage; chunks past the
   // valid rows, columns or K are zero-filled by the copy itself.
+  // Stages [ks0, ks1) of k (all of them unless the tile is split; a split
+  // needs K to be a multiple of the k step).
   KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, int const *rflat,
                                                    float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
-                                                   int tid) const {
+                                                   int tid, int ks0, int ks1) const {
     if (k.K % dev::PKH == 0) {
-      main_loop_bf16_async_k<true>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid);
+      main_loop_bf16_async_k<true>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid, ks0, ks1);
     } else {
-      main_loop_bf16_async_k<false>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid);
+      main_loop_bf16_async_k<false>(team, smem, rflat, acc, e, p0, rows, c0, cols, tid, 0, (k.K + dev::PKH - 1) / dev::PKH);
+    }
+  }
+
+  // The two halves of a split tile meet: the first to arrive stores its
+  // accumulators (this thread's 64 floats, slot-major) and raises the slot's
+  // flag, then leaves (false); the second waits for the flag, adds them to its
+  // own (a + b = b + a: the same bits whichever half came first), resets the
+  // slot's counter and flag for the next launch, and goes on to the epilogue
+  // (true). No spin can wait on a team that has not started: the first has
+  // run, it incremented the counter. CUDA only (the split runs with the bf16
+  // tensor cores).
+  KOKKOS_INLINE_FUNCTION bool combine_halves(member_type const &team, int *order, float (&acc)[8][8], int slot,
+                                             int tid) const {
+    if constexpr (mma_bf16) {
+      int *cnt = tail_sync.data() + 2 * slot, *flag = cnt + 1;
+      float *part = tail_part.data() + (std::size_t(slot) * NT + tid) * 64;
+      if (tid == 0) *order = Kokkos::atomic_fetch_add(cnt, 1);
+      team.team_barrier();
+      if (*order == 0) {
+HEXAMOE_UNROLL
+        for (int i = 0; i < 8; ++i)
+HEXAMOE_UNROLL
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<dev::Float4 *>(part + 8 * i + 4 * h) =
+                dev::Float4{{acc[i][4 * h], acc[i][4 * h + 1], acc[i][4 * h + 2], acc[i][4 * h + 3]}};
+        Kokkos::memory_fence();
+        team.team_barrier();
+        if (tid == 0) Kokkos::atomic_exchange(flag, 1);
+        return false;
+      }
+      if (tid == 0) {
+        while (Kokkos::atomic_fetch_add(flag, 0) == 0) {
+        }
+        Kokkos::atomic_exchange(flag, 0);
+        Kokkos::atomic_exchange(cnt, 0);
+      }
+      team.team_barrier();
+      Kokkos::memory_fence();
+HEXAMOE_UNROLL
+      for (int i = 0; i < 8; ++i)
+HEXAMOE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          dev::Float4 const q = dev::load_cg(part + 8 * i + 4 * h);
+          for (int u = 0; u < 4; ++u) acc[i][4 * h + u] += q.v[u];
+        }
+      return true;
+    } else {
+      (void)team, (void)order, (void)acc, (void)slot, (void)tid;
+      return true;
     }
   }
 
@@ -512,7 +591,7 @@ HEXAMOE_UNROLL
   template <bool KFull>
   KOKKOS_INLINE_FUNCTION void main_loop_bf16_async_k(member_type const &team, bfloat16 *smem, int const *rflat,
                                                      float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
-                                                     int tid) const {
+                                                     int tid, int ks0, int ks1) const {
     if constexpr (mma_bf16) {
       constexpr int PK = dev::PKH, PS = dev::PSH;
       constexpr unsigned stage_bytes = BM * PK * sizeof(bfloat16);
@@ -553,6 +632,10 @@ HEXAMOE_UNROLL
       }
       unsigned off_w = 0;  // byte offset of the stage the next issue fills
       std::size_t const a_adv = a_full > 0 ? PK * sizeof(TX) : 0, b_adv = b_bytes > 0 ? b_step : 0;
+      if constexpr (KFull) {  // start at stage ks0 (the second half of a split tile)
+        a_src += ks0 * a_adv;
+        b_src += ks0 * b_adv;
+      }
       auto issue = [&]() {
         if constexpr (KFull) {
           dev::cp_async16_at(a_dst + off_w, a_src, a_full);
@@ -581,7 +664,7 @@ HEXAMOE_UNROLL
       unsigned const a0 = a_ld[0], b0 = b_ld[0], b1 = TransW ? b_ld[0] + 512u : b_ld[1];
       int const warp = tid >> 5;
       bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
-      int const nk = (K + PK - 1) / PK;
+      int const nk = ks1 - ks0;
       for (int s = 0; s < PS - 1; ++s) {
         if (s < nk) issue();
         dev::cp_async_commit();  // empty groups keep the count uniform
@@ -602,6 +685,7 @@ HEXAMOE_UNROLL
       dev::cp_async_wait<0>();
     } else {
       (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
+      (void)ks0, (void)ks1;
     }
   }
 
@@ -767,6 +851,12 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
   int const row_tiles = (S + dev::BM - 1) / dev::BM + E;  // upper bound on sum_e ceil(count_e / BM)
   auto b = base;
   b.col_tiles = col_tiles;
+  // The tail split: bf16 with asynchronous copies, K a multiple of the k step
+  // and at least two steps; up to half a wave of extra teams.
+  int const slots = M == dev::Math::bf16_mma && vec_x && vec_w && dev::async_copies() && base.K % dev::PKH == 0 &&
+                            base.K >= 2 * dev::PKH
+                        ? dev::tail_slots(space)
+                        : 0;
   // Pairs of output elements: every row an even count of aligned elements.
   auto even_rows = [](auto const &v) {
     using V = typename std::decay_t<decltype(v)>::value_type;
@@ -781,15 +871,25 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
     // Light weight: the functor travels as a kernel argument (a constant-memory
     // launch would make the host wait for the previous such kernel).
     auto policy = Kokkos::Experimental::require(
-        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, row_tiles * col_tiles, dev::NT),
+        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, row_tiles * col_tiles + slots / 2,
+                                                                           dev::NT),
         Kokkos::Experimental::WorkItemProperty::HintLightWeight);
     policy.set_scratch_size(0, Kokkos::PerTeam(Kernel::scratch()));
     Kokkos::parallel_for(dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T" : ""), policy, kernel);
   };
+  auto with_split = [&](auto kernel) {
+    if (slots > 0) {
+      auto const ws = dev::tail_workspace<MemorySpace>(slots / 2, dev::NT * 64);
+      kernel.tail_slots = slots;
+      kernel.tail_part = ws.first;
+      kernel.tail_sync = ws.second;
+    }
+    run(kernel);
+  };
   if (base.transpose_w) {
-    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, dev::async_copies(), pairs});
+    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, dev::async_copies(), pairs, 0, {}, {}});
   } else {
-    run(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, dev::async_copies(), pairs});
+    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, dev::async_copies(), pairs, 0, {}, {}});
   }
 }
 

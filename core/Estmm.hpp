@@ -477,6 +477,7 @@ Kokkos::View<float *, MemorySpace> split_workspace(std::size_t n, bool release =
 template <class MemorySpace>
 void release_split_workspace() {
   split_workspace<MemorySpace>(0, true);
+  dev::tail_workspace<MemorySpace>(0, 0, true);
 }
 
 // How many position ranges each expert's ESTMM tiles split into: enough

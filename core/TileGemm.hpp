@@ -28,12 +28,14 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 // Loop unrolling hint for device compilers (host compilers would warn on it).
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
@@ -403,6 +405,76 @@ KOKKOS_INLINE_FUNCTION void scale_split(Vec16 const &v, float s, Vec16 &hi, Vec1
 template <class T>
 bool vector_ok(T const *data, std::size_t pitch, int width) {
   return reinterpret_cast<std::uintptr_t>(data) % (std::size_t(width) * sizeof(T)) == 0 && pitch % width == 0;
+}
+
+// --- the tail split of the expert GEMMs ---------------------------------------
+
+// Resident teams of 256 threads with two per streaming multiprocessor: the
+// space's concurrency (2048 threads each) / 1024. HEXAMOE_TAIL_SPLIT=0 in the
+// environment turns the split off (for comparison); tail_slots_override()
+// sets the slots (tests use small values so that small problems split).
+inline int &tail_slots_override() {
+  static int v = 0;
+  return v;
+}
+template <class ExecutionSpace>
+int tail_slots(ExecutionSpace const &space) {
+  static bool const off = [] {
+    char const *v = std::getenv("HEXAMOE_TAIL_SPLIT");
+    return v != nullptr && v[0] == '0';
+  }();
+  if (off) return 0;
+  if (tail_slots_override() > 0) return tail_slots_override();
+  return static_cast<int>(std::max<long>(1, static_cast<long>(space.concurrency()) / 1024));
+}
+
+// Buffers of the split tiles: `slots` x `per_slot` floats of partial
+// accumulators, and a (counter, flag) pair of ints per slot, zero when no
+// launch is running (each launch leaves them zero). Grown when needed,
+// released by release (benchmarks measuring one layer's peak).
+template <class MemorySpace>
+std::pair<Kokkos::View<float *, MemorySpace>, Kokkos::View<int *, MemorySpace>> tail_workspace(std::size_t slots,
+                                                                                                std::size_t per_slot,
+                                                                                                bool release = false) {
+  using P = Kokkos::View<float *, MemorySpace>;
+  using Q = Kokkos::View<int *, MemorySpace>;
+  static P *part = nullptr;
+  static Q *sync = nullptr;
+  if (release) {
+    if (part != nullptr) *part = P();
+    if (sync != nullptr) *sync = Q();
+    return {};
+  }
+  if (part == nullptr) {
+    part = new P();
+    sync = new Q();
+    Kokkos::push_finalize_hook([] {
+      delete part;
+      delete sync;
+      part = nullptr;
+      sync = nullptr;
+    });
+  }
+  if (part->extent(0) < slots * per_slot) {
+    *part = P();
+    *part = P(Kokkos::view_alloc(Kokkos::WithoutInitializing, "hexamoe::tail_partials"), slots * per_slot);
+  }
+  if (sync->extent(0) < 2 * slots) {
+    *sync = Q();
+    *sync = Q("hexamoe::tail_sync", 2 * slots);  // zero-initialised
+  }
+  return {*part, *sync};
+}
+
+// Four floats from global memory through L2 only (data another team wrote
+// during this launch).
+KOKKOS_INLINE_FUNCTION Float4 load_cg(float const *p) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  float4 const v = __ldcg(reinterpret_cast<float4 const *>(p));
+  return Float4{{v.x, v.y, v.z, v.w}};
+#else
+  return *reinterpret_cast<Float4 const *>(p);
+#endif
 }
 
 // --- asynchronous copies (CUDA sm_80+) ----------------------------------------
