@@ -126,6 +126,42 @@ KOKKOS_INLINE_FUNCTION void router_logits_vec(Member const &team, T const *xrow,
   }
 }
 
+// Nested-reduction values (joined with +=, identity from the default
+// constructor, as Kokkos's sum reductions require): the maximum, and the
+// largest probability with ties to the lower expert.
+template <class Acc>
+struct RouterMax {
+  Acc v;
+  bool set;
+  KOKKOS_INLINE_FUNCTION RouterMax() : v(Acc(0)), set(false) {}
+  KOKKOS_INLINE_FUNCTION void take(Acc x) {
+    if (!set || x > v) {
+      v = x;
+      set = true;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION RouterMax &operator+=(RouterMax const &o) {
+    if (o.set) take(o.v);
+    return *this;
+  }
+};
+template <class Acc>
+struct RouterArgMax {
+  Acc v;
+  int e;
+  KOKKOS_INLINE_FUNCTION RouterArgMax() : v(Acc(-1)), e(-1) {}
+  KOKKOS_INLINE_FUNCTION void take(Acc pv, int pe) {
+    if (e < 0 || pv > v || (pv == v && pe < e)) {
+      v = pv;
+      e = pe;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION RouterArgMax &operator+=(RouterArgMax const &o) {
+    if (o.e >= 0) take(o.v, o.e);
+    return *this;
+  }
+};
+
 // A block of logits summed across vector lanes (default-constructed zero: the
 // identity of Kokkos's nested sum reductions).
 template <class Acc>
@@ -294,6 +330,54 @@ class Router {
                   });
                 }
               }
+              if (vl > 1) {
+                // Lanes over the experts: max, sum of exponentials and each
+                // top-k choice are vector reductions (the probabilities in
+                // the row, then stored coalesced).
+                detail::RouterMax<Acc> mx;
+                Kokkos::parallel_reduce(
+                    Kokkos::ThreadVectorRange(team, E), [&](int e, detail::RouterMax<Acc> &m) { m.take(sp[e]); }, mx);
+                Acc sum = 0;
+                Kokkos::parallel_reduce(
+                    Kokkos::ThreadVectorRange(team, E),
+                    [&](int e, Acc &s) {
+                      Acc const v = compat::exp(sp[e] - mx.v);
+                      sp[e] = v;
+                      s += v;
+                    },
+                    sum);
+                Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, E), [&](int e) {
+                  Acc const pv = sp[e] / sum;
+                  sp[e] = pv;
+                  P(t, e) = pv;
+                });
+                // Top-k by repeated selection: largest first, ties to the lower expert.
+                Acc z = 0;
+                for (int j = 0; j < k; ++j) {
+                  detail::RouterArgMax<Acc> best;
+                  Kokkos::parallel_reduce(
+                      Kokkos::ThreadVectorRange(team, E),
+                      [&](int e, detail::RouterArgMax<Acc> &a) {
+                        bool taken = false;
+                        for (int m = 0; m < j; ++m) taken = taken || si[m] == e;
+                        if (!taken) a.take(sp[e], e);
+                      },
+                      best);
+                  si[j] = best.e;  // every lane writes the same value, and reads back its own
+                  z += best.v;
+                  Kokkos::single(Kokkos::PerThread(team), [&]() {
+                    I(t, j) = best.e;
+                    G(t * k + j) = best.v;
+                  });
+                }
+                Kokkos::single(Kokkos::PerThread(team), [&]() {
+                  L(t) = mx.v + compat::log(sum);
+                  if (renorm)
+                    for (int j = 0; j < k; ++j) G(t * k + j) = sp[si[j]] / z;
+                });
+                return;
+              }
+              // One lane: in order (hosts).
               Kokkos::single(Kokkos::PerThread(team), [&]() {
                 Acc mx = sp[0];
                 for (int e = 1; e < E; ++e) mx = sp[e] > mx ? sp[e] : mx;
