@@ -434,7 +434,8 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
                                            RouterShape{team, odd_lanes, 7, 5}};
   std::vector<RouterCase> const rcases = {
       {1500, 45, 12, 2, true}, {700, 20, 3, 3, false}, {333, 9, 1, 1, false}, {1, 7, 8, 1, false},
-      {257, 48, 12, 2, false}};  // d = 48: 16-byte vectors of x (4 float, 8 bf16) where lanes are many
+      {257, 48, 12, 2, false},   // d = 48: 16-byte vectors of x (4 float, 8 bf16) where lanes are many
+      {300, 16, 40, 2, false}};  // E k >= 64: softmax and top-k over the vector lanes
   unsigned seed = 500;
   for (auto const &s : shapes)
     for (auto const &c : rcases) {
