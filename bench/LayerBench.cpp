@@ -268,7 +268,8 @@ int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
   MemoryTracker::install();
   if (!opt.json) {
     out << "# backend " << Space::name() << ", " << opt.reps << " timed runs (median), " << opt.warmup
-        << " warm-up; GFLOP/s count useful work only (4*T*k*d*H forward, 3x for forward+backward)\n";
+        << " warm-up; GFLOP/s count useful work only (4*T*k*d*H forward, 3x for forward+backward); hexamoe fwd is"
+           " the inference forward (MoeLayer::infer), f+b uses the training forward\n";
     out << std::left << std::setw(15) << "shape" << std::setw(13) << "impl" << std::setw(9) << "dtype" << std::right
         << std::setw(7) << "tokens" << std::setw(11) << "fwd ms" << std::setw(11) << "f+b ms" << std::setw(10)
         << "fwd GF/s" << std::setw(10) << "f+b GF/s" << std::setw(10) << "peak MiB" << std::endl;
