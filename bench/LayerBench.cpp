@@ -73,7 +73,7 @@ template <class T>
 std::string math_name() {
   using detail::dev::Math;
   switch (detail::dev::math_for<Space, T, T>()) {
-    case Math::bf16_mma: return "bf16-mma";
+    case Math::bf16_mma: return detail::dev::wgmma_in_use(Space()) ? "bf16-wgmma" : "bf16-mma";
     case Math::tf32_mma: return "tf32";
     case Math::tf32x3_mma: return "3xtf32";
     case Math::simt: return "fma";

@@ -70,3 +70,16 @@ if(NOT HEXAMOE_KOKKOS_BACKENDS)
   endif()
 endif()
 message(STATUS "hexamoe: Kokkos ${Kokkos_VERSION} backends: ${HEXAMOE_KOKKOS_BACKENDS}; Kokkos Kernels: ${HEXAMOE_ENABLE_KOKKOSKERNELS}")
+
+# Hopper: the bf16 expert GEMMs use wgmma where the build also generates
+# sm_90a machine code. Kokkos' arch flag (sm_90) is its own and nvcc_wrapper
+# takes one, so the extra target comes from nvcc's NVCC_APPEND_FLAGS, which
+# must be set when building (docs/GPU.md); say which path this build gets.
+if(Kokkos_ENABLE_CUDA AND "HOPPER90" IN_LIST Kokkos_ARCH)
+  if("$ENV{NVCC_APPEND_FLAGS}" MATCHES "compute_90a")
+    message(STATUS "hexamoe: sm_90a code requested (NVCC_APPEND_FLAGS): bf16 expert GEMMs with wgmma")
+  else()
+    message(STATUS "hexamoe: Hopper build without sm_90a code: bf16 expert GEMMs with mma.sync; for wgmma set "
+                   "NVCC_APPEND_FLAGS=-gencode=arch=compute_90a,code=sm_90a when building (docs/GPU.md)")
+  endif()
+endif()

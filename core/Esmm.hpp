@@ -210,13 +210,16 @@ struct EsmmDeviceKernel {
       mma_bf16 && async_bytes > dev::scratch_bytes<M>(BK, false) - 128 ? async_bytes
                                                                        : dev::scratch_bytes<M>(BK, false) - 128;
   static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4 + 16;  // (+ one int: the arrival order)
-  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return main_bytes + table_bytes + 128; }
+  // (+ 1024: stages start at multiples of 1024 bytes, as wgmma's 128-byte
+  // swizzle needs.)
+  static constexpr std::size_t align = mma_bf16 ? 1024 : 128;
+  KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() { return main_bytes + table_bytes + align; }
   static int max_experts() { return static_cast<int>(main_bytes / sizeof(int)); }
 
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
     auto const &R = k.R;
     int const tid = team.team_rank();
-    char *smem = static_cast<char *>(team.team_shmem().get_shmem_aligned(scratch() - 128, 128));
+    char *smem = static_cast<char *>(team.team_shmem().get_shmem_aligned(scratch() - align, align));
     int *rflat = reinterpret_cast<int *>(smem + main_bytes);
     Acc *rscale = reinterpret_cast<Acc *>(rflat + BM);
     Acc *rgate = rscale + BM;
@@ -271,6 +274,9 @@ struct EsmmDeviceKernel {
     float acc[8][8];
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    // The accumulators' layout: wgmma's where the asynchronous bf16 loop runs
+    // on it (this machine code has it), else mma.sync's (or the FMA kernel's).
+    bool const wg = dev::wgmma_compiled() && mma_bf16 && vec_x && vec_w && async;
     if constexpr (mma_bf16) {
       if (vec_x && vec_w && async) {
         int const nk = (k.K + dev::PKH - 1) / dev::PKH;
@@ -289,10 +295,10 @@ struct EsmmDeviceKernel {
     if constexpr (tensor_cores) {
       if (pairs) {
         switch (k.ep.act) {
-          case Activation::gelu: epilogue_direct<Activation::gelu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
-          case Activation::relu: epilogue_direct<Activation::relu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
-          case Activation::silu: epilogue_direct<Activation::silu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
-          default: epilogue_direct<Activation::identity>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid); break;
+          case Activation::gelu: epilogue_direct<Activation::gelu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid, wg); break;
+          case Activation::relu: epilogue_direct<Activation::relu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid, wg); break;
+          case Activation::silu: epilogue_direct<Activation::silu>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid, wg); break;
+          default: epilogue_direct<Activation::identity>(acc, rflat, rscale, rgate, e, p0, rows, c0, cols, tid, wg); break;
         }
         return;
       }
@@ -315,8 +321,9 @@ HEXAMOE_UNROLL
       for (int i = 0; i < 8; ++i)
 HEXAMOE_UNROLL
         for (int j = 0; j < 8; ++j) {
-          int const c = dev::acc_col<M>(tid, j);
-          if ((c >> 6) == half) stage[dev::acc_row<M>(tid, i) * LD + (c & 63)] = acc[i][j];
+          int const c = wg ? dev::wgmma_acc_col(tid, i, j) : dev::acc_col<M>(tid, j);
+          int const r = wg ? dev::wgmma_acc_row(tid, i) : dev::acc_row<M>(tid, i);
+          if ((c >> 6) == half) stage[r * LD + (c & 63)] = acc[i][j];
         }
       team.team_barrier();
       if constexpr (mma_bf16) {  // (float: measured slower, register pressure of the FMA kernel)
@@ -365,19 +372,23 @@ HEXAMOE_UNROLL
   }
 
   // The epilogue of the tensor-core layouts, from the accumulators in
-  // registers (no scratch, no barrier): thread (warp, lane) holds rows
-  // 64 (warp / 4) + 16 i + lane / 4 + {0, 8} and column pairs
-  // 32 (warp % 4) + 8 j + 2 (lane % 4) + {0, 1} (acc[2 i + h][2 j + {0, 1}]),
-  // so each element has one owner, which reads its act' input before it
-  // writes the same element (pre may alias act_grad_of). The activation is a
-  // template argument, so that its switch stays out of the loop.
+  // registers (no scratch, no barrier). mma.sync: thread (warp, lane) holds
+  // rows 64 (warp / 4) + 16 g + lane / 4 + {0, 8} and column pairs
+  // 32 (warp % 4) + 8 j + 2 (lane % 4) + {0, 1} (acc[2 g + h][2 j + {0, 1}]);
+  // wgmma (wg): rows 64 (warp / 4) + 16 (warp % 4) + lane / 4 + {0, 8} and
+  // column pairs 32 g + 8 j + 2 (lane % 4) + {0, 1}. Each element has one
+  // owner, which reads its act' input before it writes the same element (pre
+  // may alias act_grad_of). The activation is a template argument, so that
+  // its switch stays out of the loop.
   template <Activation A>
   KOKKOS_INLINE_FUNCTION void epilogue_direct(float const (&acc)[8][8], int const *rflat, Acc const *rscale,
-                                              Acc const *rgate, int e, int p0, int rows, int c0, int cols,
-                                              int tid) const {
+                                              Acc const *rgate, int e, int p0, int rows, int c0, int cols, int tid,
+                                              bool wg) const {
     auto const &ep = k.ep;
     int const lane = tid & 31, warp = tid >> 5;
-    int const r_base = (warp >> 2) * 64 + (lane >> 2), c_base = (warp & 3) * 32 + (lane & 3) * 2;
+    int const r_base = (warp >> 2) * 64 + (wg ? (warp & 3) * 16 : 0) + (lane >> 2);
+    int const c_base = (wg ? 0 : (warp & 3) * 32) + (lane & 3) * 2;
+    int const RI = wg ? 0 : 16, CI = wg ? 32 : 0;  // row and column step of g
     if (r_base >= rows || c_base >= cols) return;
     TY *const pre = ep.pre.data();
     TY *const post = ep.post.data();
@@ -388,69 +399,77 @@ HEXAMOE_UNROLL
     int const topk = k.R.top_k;
     Acc bv[4][2];
 HEXAMOE_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      int const c = c_base + 8 * j;
-      bv[j][0] = bv[j][1] = Acc(0);
-      if (k.has_bias && c < cols) {
-        Two<TW> const b = *reinterpret_cast<Two<TW> const *>(&k.bias(e, c0 + c));
-        bv[j][0] = to_acc<Acc>(b.v[0]);
-        bv[j][1] = to_acc<Acc>(b.v[1]);
-      }
-    }
-    // Per row: the column pairs this thread owns (all four unless the tile's
-    // columns end inside them), the row's pointers once, then one branch per
-    // output kind (not per element), stores at constant offsets.
-    int const npair = (cols - c_base + 7) / 8 < 4 ? (cols - c_base + 7) / 8 : 4;
-    std::size_t const n0 = static_cast<std::size_t>(c0 + c_base);
-HEXAMOE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      int const r = r_base + (i >> 1) * 16 + (i & 1) * 8;
-      if (r >= rows) break;  // rows grow with i
-      std::size_t const p = static_cast<std::size_t>(p0 + r);
-      Acc const s = rscale[r];
-      Acc v[4][2];
-HEXAMOE_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        v[j][0] = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0];
-        v[j][1] = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
-      }
-      if (zg != nullptr) {
-        TY const *zr = zg + p * ld_z + n0;
+    for (int g = 0; g < 4; ++g) {
+      int const cg = c_base + g * CI;
+      if (cg >= cols) break;  // columns grow with g (wgmma) or stay (mma.sync)
+      if (g == 0 || wg) {
 HEXAMOE_UNROLL
         for (int j = 0; j < 4; ++j) {
-          if (j < npair) {
-            Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
-            v[j][0] *= activate_grad(A, to_acc<Acc>(z.v[0]));
-            v[j][1] *= activate_grad(A, to_acc<Acc>(z.v[1]));
+          int const c = cg + 8 * j;
+          bv[j][0] = bv[j][1] = Acc(0);
+          if (k.has_bias && c < cols) {
+            Two<TW> const b = *reinterpret_cast<Two<TW> const *>(&k.bias(e, c0 + c));
+            bv[j][0] = to_acc<Acc>(b.v[0]);
+            bv[j][1] = to_acc<Acc>(b.v[1]);
           }
         }
       }
-      if (pre != nullptr) {
-        TY *const pr = pre + p * ld_pre + n0;
+      // Per row: the column pairs this thread owns (all four unless the
+      // tile's columns end inside them), the row's pointers once, then one
+      // branch per output kind (not per element), stores at constant offsets.
+      int const npair = (cols - cg + 7) / 8 < 4 ? (cols - cg + 7) / 8 : 4;
+      std::size_t const n0 = static_cast<std::size_t>(c0 + cg);
 HEXAMOE_UNROLL
-        for (int j = 0; j < 4; ++j)
-          if (j < npair) put2(pr + 8 * j, v[j][0], v[j][1]);
-      }
-      if (post != nullptr || tok != nullptr) {
-        if (zg == nullptr) {
+      for (int h = 0; h < 2; ++h) {
+        int const i = 2 * g + h;
+        int const r = r_base + g * RI + h * 8;
+        if (r >= rows) continue;
+        std::size_t const p = static_cast<std::size_t>(p0 + r);
+        Acc const s = rscale[r];
+        Acc v[4][2];
+HEXAMOE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          v[j][0] = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0];
+          v[j][1] = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
+        }
+        if (zg != nullptr) {
+          TY const *zr = zg + p * ld_z + n0;
 HEXAMOE_UNROLL
           for (int j = 0; j < 4; ++j) {
-            v[j][0] = activate(A, v[j][0]);
-            v[j][1] = activate(A, v[j][1]);
+            if (j < npair) {
+              Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
+              v[j][0] *= activate_grad(A, to_acc<Acc>(z.v[0]));
+              v[j][1] *= activate_grad(A, to_acc<Acc>(z.v[1]));
+            }
           }
         }
-        if (post != nullptr) {
-          TY *const qr = post + p * ld_post + n0;
+        if (pre != nullptr) {
+          TY *const pr = pre + p * ld_pre + n0;
 HEXAMOE_UNROLL
           for (int j = 0; j < 4; ++j)
-            if (j < npair) put2(qr + 8 * j, v[j][0], v[j][1]);
+            if (j < npair) put2(pr + 8 * j, v[j][0], v[j][1]);
         }
-        if (tok != nullptr) {
-          Acc const g = rgate[r];
-          TY *const tr = tok + static_cast<std::size_t>(rflat[r] / topk) * ld_tok + n0;
+        if (post != nullptr || tok != nullptr) {
+          if (zg == nullptr) {
 HEXAMOE_UNROLL
-          for (int j = 0; j < 4; ++j)
-            if (j < npair) put2(tr + 8 * j, g * v[j][0], g * v[j][1]);
+            for (int j = 0; j < 4; ++j) {
+              v[j][0] = activate(A, v[j][0]);
+              v[j][1] = activate(A, v[j][1]);
+            }
+          }
+          if (post != nullptr) {
+            TY *const qr = post + p * ld_post + n0;
+HEXAMOE_UNROLL
+            for (int j = 0; j < 4; ++j)
+              if (j < npair) put2(qr + 8 * j, v[j][0], v[j][1]);
+          }
+          if (tok != nullptr) {
+            Acc const gt = rgate[r];
+            TY *const tr = tok + static_cast<std::size_t>(rflat[r] / topk) * ld_tok + n0;
+HEXAMOE_UNROLL
+            for (int j = 0; j < 4; ++j)
+              if (j < npair) put2(tr + 8 * j, gt * v[j][0], gt * v[j][1]);
+          }
         }
       }
     }
@@ -627,7 +646,7 @@ HEXAMOE_UNROLL
         b_src = bn > 0 ? reinterpret_cast<char const *>(&k.w(e, br < K ? br : 0, c0 + bc)) : dummy;
         b_rem = bn > 0 ? K - br : 0;
         b_bytes = 2 * bn;
-        b_dst = sB + 2u * static_cast<unsigned>(dev::sw128(br, bc));
+        b_dst = sB + 2u * static_cast<unsigned>(dev::wgmma_compiled() ? dev::sw_n128(br, bc) : dev::sw128(br, bc));
         b_step = std::size_t(PK) * k.w.stride_1() * sizeof(TW);
       }
       unsigned off_w = 0;  // byte offset of the stage the next issue fills
@@ -659,6 +678,40 @@ HEXAMOE_UNROLL
         }
         off_w = off_w + stage_bytes == PS * stage_bytes ? 0u : off_w + stage_bytes;
       };
+      if constexpr (dev::wgmma_compiled()) {
+        // Hopper (sm_90a): each warpgroup multiplies its 64 rows of A by the
+        // whole B of a stage with one asynchronous wgmma and keeps two in
+        // flight; the stage a new copy overwrites is the one two steps back,
+        // which every warpgroup has finished reading at the barrier. Copies
+        // run PS - 2 stages ahead.
+        int const grp = tid >> 7;
+        bool const active_g = grp * 64 < rows;
+        std::uint64_t const da = dev::gmma_desc(sA + grp * 64u * PK * 2u, 16u, 256u, 3u);
+        std::uint64_t const db = TransW ? dev::gmma_desc(sB, 16u, 256u, 3u) : dev::gmma_desc(sB, 2048u, 1024u, 1u);
+        int const nk = ks1 - ks0;
+        for (int s = 0; s < PS - 2; ++s) {
+          if (s < nk) issue();
+          dev::cp_async_commit();
+        }
+        unsigned off_r = 0;
+        for (int kt = 0; kt < nk; ++kt) {
+          dev::cp_async_wait<PS - 3>();  // this thread's copies of stage kt have landed
+          dev::fence_proxy_async();      // and are visible to the tensor cores
+          dev::wgmma_wait<1>(acc);       // this warpgroup's product of stage kt - 2 is done
+          team.team_barrier();
+          if (kt + PS - 2 < nk) issue();  // into the slot of stage kt - 2
+          dev::cp_async_commit();
+          if (active_g) {
+            dev::wgmma_fence();
+            dev::wgmma_m64n128k16_bf16<TransW ? 0 : 1>(acc, da + (off_r >> 4), db + (off_r >> 4));
+            dev::wgmma_commit();
+          }
+          off_r = off_r + stage_bytes == PS * stage_bytes ? 0u : off_r + stage_bytes;
+        }
+        dev::wgmma_wait<0>(acc);
+        dev::cp_async_wait<0>();
+        return;
+      }
       unsigned a_ld[4], b_ld[2];
       dev::ldsm_addresses<false, TransW>(a_ld, b_ld, sA, sB, tid);
       unsigned const a0 = a_ld[0], b0 = b_ld[0], b1 = TransW ? b_ld[0] + 512u : b_ld[1];

@@ -25,6 +25,7 @@
 
 #include "BFloat16.hpp"
 #include "Compat.hpp"
+#include "Wgmma.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -314,6 +315,12 @@ KOKKOS_INLINE_FUNCTION constexpr std::size_t scratch_bytes(int bk, bool lo) {
 // 16-byte rows of an ldmatrix hit distinct banks.
 KOKKOS_INLINE_FUNCTION int sw32(int r, int c) { return r * 32 + ((((c >> 3) ^ (r >> 1)) & 3) << 3) + (c & 7); }
 KOKKOS_INLINE_FUNCTION int sw128(int r, int c) { return r * 128 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7); }
+// wgmma's N-major B of a k = 16 stage: two halves of [16][64] (rows k, 64
+// columns of 128 bytes, the chunk index XOR-ed with the row), so that each
+// 8-row block of a half is one 1024-byte atom of the 128-byte swizzle.
+KOKKOS_INLINE_FUNCTION int sw_n128(int r, int c) {
+  return (c >> 6) * 1024 + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+}
 // Rows of 16 (2 chunks): rows 4..7 of every 8 take the other chunk first.
 KOKKOS_INLINE_FUNCTION int sw16(int r, int c) { return r * 16 + ((((c >> 3) ^ (r >> 2)) & 1) << 3) + (c & 7); }
 // The swizzle of bf16 tiles whose rows hold BK (16 or 32) elements.
@@ -410,9 +417,10 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
 // --- the tail split of the expert GEMMs ---------------------------------------
 
 // Resident teams of 256 threads with two per streaming multiprocessor: the
-// space's concurrency (2048 threads each) / 1024. HEXAMOE_TAIL_SPLIT=0 in the
-// environment turns the split off (for comparison); tail_slots_override()
-// sets the slots (tests use small values so that small problems split).
+// space's concurrency (2048 threads each) / 1024; none where the wgmma path
+// runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split off (for
+// comparison); tail_slots_override() sets the slots (tests use small values
+// so that small problems split, on either path).
 inline int &tail_slots_override() {
   static int v = 0;
   return v;
@@ -425,6 +433,9 @@ int tail_slots(ExecutionSpace const &space) {
   }();
   if (off) return 0;
   if (tail_slots_override() > 0) return tail_slots_override();
+  // With wgmma (Hopper, sm_90a code) the split measured slower (H200,
+  // swinS-s3-top1 bf16 forward 0.280 against 0.267 ms without it).
+  if (wgmma_in_use(space)) return 0;
   return static_cast<int>(std::max<long>(1, static_cast<long>(space.concurrency()) / 1024));
 }
 

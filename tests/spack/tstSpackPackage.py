@@ -784,6 +784,38 @@ def check_cmake_args(cls, checker, source_dir):
         for k in absent:
             checker.check(k not in defs, f"cmake_args() [{label}]: {k} must not be set")
 
+    # The build environment: sm_90a machine code (the wgmma path) for
+    # cuda_arch=90 with +wgmma only.
+    class FakeEnv:
+        def __init__(self):
+            self.vars = {}
+
+        def append_flags(self, name, value, sep=" "):
+            self.vars[name] = (self.vars[name] + sep if name in self.vars else "") + value
+
+        def set(self, name, value):
+            self.vars[name] = value
+
+    gpu = "hexamoe@=main +hdf5 +kokkos-kernels +openmp +cuda ~rocm"
+    env_cases = {
+        "cuda 90 +wgmma": (f"{gpu} cuda_arch=90 +wgmma ^kokkos@=4.5.01+cuda+wrapper cuda_arch=90", True),
+        "cuda 90 ~wgmma": (f"{gpu} cuda_arch=90 ~wgmma ^kokkos@=4.5.01+cuda+wrapper cuda_arch=90", False),
+        "cuda 80": (f"{gpu} cuda_arch=80 ^kokkos@=4.5.01+cuda+wrapper cuda_arch=80", False),
+        "cpu": (cases["cpu"][0], False),
+    }
+    for label, (text, want) in env_cases.items():
+        env = FakeEnv()
+        pkg = cls(ConcreteSpec(text))
+        if hasattr(pkg, "setup_build_environment"):
+            try:
+                pkg.setup_build_environment(env)
+            except Exception as e:  # noqa: BLE001
+                checker.fail(f"setup_build_environment() on the {label} spec raised {type(e).__name__}: {e}")
+                continue
+        got = "-gencode=arch=compute_90a,code=sm_90a" in env.vars.get("NVCC_APPEND_FLAGS", "").split()
+        checker.check(got == want, f"setup_build_environment() [{label}]: sm_90a code {'added' if got else 'not added'}, "
+                                   f"expected {'added' if want else 'not added'}")
+
     # Every HEXAMOE_* cache variable the package sets must exist in the project.
     cmake_text = ""
     for root, _, files in os.walk(source_dir):

@@ -84,9 +84,19 @@ class Hexamoe(CMakePackage, CudaPackage, ROCmPackage):
     # hexamoe compiles its CUDA code through Kokkos' nvcc_wrapper.
     depends_on("kokkos+wrapper", when="+cuda")
 
+    # Hopper's warpgroup tensor-core instructions (wgmma) need machine code for
+    # the architecture-specific target sm_90a, besides the sm_90 code Kokkos'
+    # flags give; nvcc adds it from NVCC_APPEND_FLAGS (nvcc_wrapper accepts one
+    # architecture flag only). Without it the bf16 expert GEMMs use mma.sync.
+    variant("wgmma", default=True, description="Also compile sm_90a code (wgmma path of the bf16 GEMMs)", when="+cuda cuda_arch=90")
+
     conflicts("+cuda", when="+rocm", msg="Kokkos has one device backend: choose +cuda or +rocm")
     conflicts("+cuda", when="cuda_arch=none", msg="+cuda needs cuda_arch=<sm>, e.g. cuda_arch=90")
     conflicts("+rocm", when="amdgpu_target=none", msg="+rocm needs amdgpu_target=<gfx>, e.g. amdgpu_target=gfx90a")
+
+    def setup_build_environment(self, env):
+        if self.spec.satisfies("+cuda cuda_arch=90 +wgmma"):
+            env.append_flags("NVCC_APPEND_FLAGS", "-gencode=arch=compute_90a,code=sm_90a")
 
     def cmake_args(self):
         spec = self.spec
