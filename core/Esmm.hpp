@@ -288,7 +288,10 @@ struct EsmmDeviceKernel {
         main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
       }
     } else {
-      main_loop_f32(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
+      int const nk = (k.K + BKF - 1) / BKF;
+      int const ks0 = half == 1 ? nk / 2 : 0, ks1 = half == 0 ? nk / 2 : nk;
+      main_loop_f32(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid, ks0, ks1);
+      if (half >= 0 && !combine_halves(team, reinterpret_cast<int *>(rgate + BM), acc, slot, tid)) return;
     }
 
     // Tensor-core layouts with paired outputs: straight from the registers.
@@ -559,11 +562,11 @@ HEXAMOE_UNROLL
   // own (a + b = b + a: the same bits whichever half came first), resets the
   // slot's counter and flag for the next launch, and goes on to the epilogue
   // (true). No spin can wait on a team that has not started: the first has
-  // run, it incremented the counter. CUDA only (the split runs with the bf16
-  // tensor cores).
+  // run, it incremented the counter. CUDA only (the split runs with the
+  // tensor cores: bf16, 3xtf32, tf32).
   KOKKOS_INLINE_FUNCTION bool combine_halves(member_type const &team, int *order, float (&acc)[8][8], int slot,
                                              int tid) const {
-    if constexpr (mma_bf16) {
+    if constexpr (tensor_cores) {
       int *cnt = tail_sync.data() + 2 * slot, *flag = cnt + 1;
       float *part = tail_part.data() + (std::size_t(slot) * NT + tid) * 64;
       if (tid == 0) *order = Kokkos::atomic_fetch_add(cnt, 1);
@@ -811,9 +814,10 @@ HEXAMOE_UNROLL
     }
   }
 
+  // Stages [ks0, ks1) of k (all of them unless the tile is split).
   KOKKOS_INLINE_FUNCTION void main_loop_f32(member_type const &team, float *smem, int const *rflat,
                                             float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
-                                            int tid) const {
+                                            int tid, int ks0, int ks1) const {
     if constexpr (!mma_bf16) {
       int const K = k.K;
       float *sA = smem;                      // 2 x [BKF][LDF]: rows k, columns m
@@ -873,20 +877,21 @@ HEXAMOE_UNROLL
           }
         }
       };
-      int const nk = (K + BKF - 1) / BKF;
-      if (nk > 0) {
-        load(0);
+      if (ks0 < ks1) {
+        load(ks0 * BKF);
         store(0);
       }
       team.team_barrier();
-      for (int kt = 0; kt < nk; ++kt) {
-        if (kt + 1 < nk) load((kt + 1) * BKF);
-        dev::step_f32<M>(acc, sA + (kt & 1) * BKF * LD, sB + (kt & 1) * BKF * LD, tid);
-        if (kt + 1 < nk) store((kt + 1) & 1);
+      for (int kt = ks0; kt < ks1; ++kt) {
+        int const buf = (kt - ks0) & 1;
+        if (kt + 1 < ks1) load((kt + 1) * BKF);
+        dev::step_f32<M>(acc, sA + buf * BKF * LD, sB + buf * BKF * LD, tid);
+        if (kt + 1 < ks1) store(buf ^ 1);
         team.team_barrier();
       }
     } else {
       (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
+      (void)ks0, (void)ks1;
     }
   }
 };
@@ -904,12 +909,13 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
   int const row_tiles = (S + dev::BM - 1) / dev::BM + E;  // upper bound on sum_e ceil(count_e / BM)
   auto b = base;
   b.col_tiles = col_tiles;
-  // The tail split: bf16 with asynchronous copies, K a multiple of the k step
-  // and at least two steps; up to half a wave of extra teams.
-  int const slots = M == dev::Math::bf16_mma && vec_x && vec_w && dev::async_copies() && base.K % dev::PKH == 0 &&
-                            base.K >= 2 * dev::PKH
-                        ? dev::tail_slots(space)
-                        : 0;
+  // The tail split: the tensor cores (bf16 with asynchronous copies, 3xtf32,
+  // tf32), K a multiple of the k step and at least two steps; up to half a
+  // wave of extra teams.
+  bool const split_ok = M == dev::Math::bf16_mma ? vec_x && vec_w && dev::async_copies()
+                                                : M == dev::Math::tf32x3_mma || M == dev::Math::tf32_mma;
+  int const slots =
+      split_ok && base.K % dev::PKH == 0 && base.K >= 2 * dev::PKH ? dev::tail_slots(space, M == dev::Math::bf16_mma) : 0;
   // Pairs of output elements: every row an even count of aligned elements.
   auto even_rows = [](auto const &v) {
     using V = typename std::decay_t<decltype(v)>::value_type;

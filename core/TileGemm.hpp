@@ -417,8 +417,8 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
 // --- the tail split of the expert GEMMs ---------------------------------------
 
 // Resident teams of 256 threads with two per streaming multiprocessor: the
-// space's concurrency (2048 threads each) / 1024; none where the wgmma path
-// runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split off (for
+// space's concurrency (2048 threads each) / 1024; none for bf16 where the
+// wgmma path runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split off (for
 // comparison); tail_slots_override() sets the slots (tests use small values
 // so that small problems split, on either path).
 inline int &tail_slots_override() {
@@ -426,16 +426,16 @@ inline int &tail_slots_override() {
   return v;
 }
 template <class ExecutionSpace>
-int tail_slots(ExecutionSpace const &space) {
+int tail_slots(ExecutionSpace const &space, bool bf16) {
   static bool const off = [] {
     char const *v = std::getenv("HEXAMOE_TAIL_SPLIT");
     return v != nullptr && v[0] == '0';
   }();
   if (off) return 0;
   if (tail_slots_override() > 0) return tail_slots_override();
-  // With wgmma (Hopper, sm_90a code) the split measured slower (H200,
+  // With wgmma (Hopper, sm_90a code) the bf16 split measured slower (H200,
   // swinS-s3-top1 bf16 forward 0.280 against 0.267 ms without it).
-  if (wgmma_in_use(space)) return 0;
+  if (bf16 && wgmma_in_use(space)) return 0;
   return static_cast<int>(std::max<long>(1, static_cast<long>(space.concurrency()) / 1024));
 }
 

@@ -313,13 +313,21 @@ void run_all(char const *name) {
   }
 }
 
-// The tail split of the bf16 device ESMM (one full wave of tiles and a second
-// at most half full: the second wave's tiles run as two teams over the halves
-// of K, see dev::tail_slots): small slot counts make these small problems
-// split (forward tiles 12 and 9: 12 split with 8 and 10 slots, 9 with 8 and
-// 7; the others do not). Other backends ignore it.
-TEST(ExpertOps, BFloat16TailSplitAgainstFloat64Reference) {
+// The tail split of the device ESMM on the tensor cores (one full wave of
+// tiles and a second at most half full: the second wave's tiles run as two
+// teams over the halves of K, see dev::tail_slots), bf16 and float32
+// (3xtf32): small slot counts make these small problems split (forward
+// tiles 12 and 9: 12 split with 8 and 10 slots, 9 with 8 and 7; the others
+// do not). Other backends ignore it.
+TEST(ExpertOps, TailSplitAgainstFloat64Reference) {
+  using detail::dev::Float32Math;
   std::vector<Shape> const split_shapes = {{600, 1, 2, 64, 256, false}, {150, 1, 3, 272, 264, false}};
+  bool const tensor_cores = detail::dev::is_cuda<Space>;
+  Float32Math const saved = detail::dev::float32_math();
+  if (tensor_cores) {
+    detail::dev::float32_math() = Float32Math::tf32x3;
+    float32_arith = {21 * std::ldexp(1.0, -24), 1.0 / 8, 1, 52};
+  }
   unsigned seed = 900;
   for (int slots : {5, 8, 10, 4, 7}) {
     detail::dev::tail_slots_override() = slots;
@@ -329,10 +337,15 @@ TEST(ExpertOps, BFloat16TailSplitAgainstFloat64Reference) {
       run_esmm_forward<bfloat16>(sh, Activation::gelu, seed++);
       run_esmm_transposed_actgrad<bfloat16>(sh, seed++);
       run_esmm_token_out<bfloat16>(sh, seed++);
+      run_esmm_forward<float>(sh, Activation::gelu, seed++);
+      run_esmm_transposed_actgrad<float>(sh, seed++);
+      run_esmm_token_out<float>(sh, seed++);
     }
   }
   detail::dev::tail_slots_override() = 0;
-  if (detail::dev::is_cuda<Space>) {
+  detail::dev::float32_math() = saved;
+  float32_arith = {};
+  if (tensor_cores) {
     EXPECT_GT(detail::dev::tail_workspace<Mem>(0, 0).first.extent(0), 0u) << "the split path was never launched";
   }
 }
