@@ -16,7 +16,8 @@
 // The expert operators on devices use the larger engine in namespace `dev`
 // below (128 x 128 tiles, 256 threads, 16-byte loads into team scratch:
 // asynchronous copies in five stages for aligned bf16 on CUDA, else a
-// register-staged double buffer): bf16 on CUDA with tensor cores (mma.sync);
+// register-staged double buffer): bf16 on CUDA with tensor cores (mma.sync,
+// or wgmma in sm_90a machine code: Wgmma.hpp);
 // float32, and bf16 elsewhere, with an 8 x 8 register-blocked FMA
 // micro-kernel unless HEXAMOE_F32_MATH asks for tensor cores (three tf32
 // products, or one). The generic tile above remains for double and mixed
@@ -418,9 +419,9 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
 
 // Resident teams of 256 threads with two per streaming multiprocessor: the
 // space's concurrency (2048 threads each) / 1024; none for bf16 where the
-// wgmma path runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split off (for
-// comparison); tail_slots_override() sets the slots (tests use small values
-// so that small problems split, on either path).
+// wgmma path runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split
+// off (for comparison); tail_slots_override() sets the slots (tests use small
+// values so that small problems split, on either path).
 inline int &tail_slots_override() {
   static int v = 0;
   return v;
