@@ -64,6 +64,7 @@ struct Row {
   double fwd_ms, fb_ms, fwd_gflops, fb_gflops, peak_mib;
   double check = -1;  // max relative difference to the other implementation
   std::string math = {};  // the expert GEMMs' arithmetic
+  std::string router = {};  // ours: the router forward's path
   double ref_err = -1;  // max |y - y64| / max |y64| over sampled tokens
   double fwd_train_ms = -1;  // ours: forward that keeps activations for backward
 };
@@ -147,6 +148,9 @@ Row bench_ours(BenchShape const &s, int tokens, BenchOptions const &opt, char co
   std::int64_t const base = MemoryTracker::current(space);
   Row r{s.name, "hexamoe", dtype, tokens, 0, 0, 0, 0, 0};
   r.math = math_name<T>();
+  r.router = detail::router_mma_in_use<T, Space>(s.experts) ? "mma"
+             : Kokkos::SpaceAccessibility<Space, Kokkos::HostSpace>::accessible ? "host"
+                                                                                : "lanes";
   {
     MoeLayer<T, Space> L(config_of(s, tokens, 0.0));
     L.init(opt.seed);
@@ -236,6 +240,7 @@ void print(std::ostream &out, Row const &r, bool json) {
         << ", \"peak_MiB\": " << r.peak_mib;
     if (r.check >= 0) out << ", \"check_rel_diff\": " << r.check;
     if (!r.math.empty()) out << ", \"math\": \"" << r.math << "\"";
+    if (!r.router.empty()) out << ", \"router\": \"" << r.router << "\"";
     if (r.ref_err >= 0) out << ", \"max_rel_diff_fp64\": " << r.ref_err;
     if (r.fwd_train_ms >= 0) out << ", \"fwd_train_ms\": " << r.fwd_train_ms;
     out << "}" << std::endl;
@@ -247,6 +252,7 @@ void print(std::ostream &out, Row const &r, bool json) {
       << std::setw(10) << r.peak_mib;
   if (r.check >= 0) out << std::scientific << std::setprecision(1) << "  check " << r.check;
   if (!r.math.empty()) out << "  " << r.math;
+  if (!r.router.empty()) out << "  router " << r.router;
   if (r.ref_err >= 0) out << std::scientific << std::setprecision(1) << "  fp64 diff " << r.ref_err;
   out << std::defaultfloat << std::endl;
 }

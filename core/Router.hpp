@@ -9,7 +9,10 @@
 // Backward turns dL/dg (from the experts) and both losses into dlogits, then
 // into dWr, dbr and the router's share of dx.
 //
-// Kernels are hierarchical (team threads x vector lanes; one thread and one
+// On CUDA (bf16 and float32 storage, at most 64 experts) HEXAMOE_ROUTER_MMA=1
+// makes the forward one tensor-core kernel with the statistics fused
+// (RouterMma.hpp; opt-in until measured on a GPU).
+// Elsewhere kernels are hierarchical (team threads x vector lanes; one thread and one
 // lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
 // a thread per token, vector-lane reductions over d (coalesced rows of x)
 // against a transposed copy of Wr (one lane: a GEMV row, SIMD over experts).
@@ -22,9 +25,11 @@
 #include "BFloat16.hpp"
 #include "Compat.hpp"
 #include "Parameter.hpp"
+#include "RouterMma.hpp"
 
 #include <Kokkos_Core.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -262,14 +267,29 @@ class Router {
     using Logits = detail::RouterLogitBlock<Acc>;
     using Stats = detail::RouterStatBlock<Acc>;
 
-    // Wt(e, i) = W(i, e) (rows past E stay zero).
+    // Wt(e, i) = W(i, e) (rows past E stay zero); for the tensor cores also
+    // the split copy Ws (RouterMma.hpp).
+    bool const mma = detail::router_mma_in_use<T, ExecutionSpace>(E);
+    int const dp = detail::router_mma_cols(d);
+    if (mma && wsplit_.extent(0) != std::size_t(detail::router_mma_ntiles(E)) * 8 * dp * 2)
+      wsplit_ = Kokkos::View<unsigned *, memory_space>("hexamoe::router.weight_split",
+                                                       std::size_t(detail::router_mma_ntiles(E)) * 8 * dp * 2);
     auto W = weight;
     auto Wt = weight_t_;
+    auto Ws = wsplit_;
     Kokkos::parallel_for(
         "hexamoe::router_weight_t", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * d)),
         KOKKOS_LAMBDA(int j) {
           int const e = j / d, i = j % d;
-          Wt(e, i) = W(i, e);
+          Acc const w = W(i, e);
+          Wt(e, i) = w;
+          if (mma) {
+            unsigned hi = 0, lo = 0;
+            detail::dev::split_tf32(static_cast<float>(w), hi, lo);
+            std::size_t const at = detail::router_ws_index(e, i, dp);
+            Ws(at) = hi;
+            Ws(at + 8) = lo;
+          }
         });
 
     // One token per team thread: logits (with vector lanes, blocks of EB experts,
@@ -297,7 +317,22 @@ class Router {
     bool const lane_softmax = vl > 1 && E * k >= 64;
     std::size_t const row_bytes = sizeof(Acc) * Ep + sizeof(int) * k;
     std::size_t const row_pitch = (row_bytes + 15) / 16 * 16;
-    if (T_ > 0) {
+    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
+    auto sn = count_part_;  // [chunks, Ep]: assignments to e
+    // Partial rows of the statistics: a team of the tensor-core kernel, or a chunk.
+    int const nparts = mma ? (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens : nch;
+    if constexpr (detail::dev::is_cuda<ExecutionSpace> && std::is_same_v<Acc, float>) {
+      if (mma && T_ > 0) {
+        bool const xvec = d % 8 == 0 && x.stride_0() % 8 == 0 && reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0;
+        switch (detail::router_mma_ntiles(E)) {
+          case 1: forward_mma<1>(space, x, xvec, nparts); break;
+          case 2: forward_mma<2>(space, x, xvec, nparts); break;
+          case 4: forward_mma<4>(space, x, xvec, nparts); break;
+          default: forward_mma<8>(space, x, xvec, nparts); break;
+        }
+      }
+    }
+    if (!mma && T_ > 0) {
       auto pol = compat::light(policy(space, (T_ + ts - 1) / ts, ts, vl));
       pol.set_scratch_size(0, Kokkos::PerTeam(row_pitch * ts + 64));
       Kokkos::parallel_for(
@@ -421,9 +456,7 @@ class Router {
 
     // Statistics per token chunk: each team thread reduces a contiguous share
     // of the chunk over its lanes, the team adds the shares in thread order.
-    auto sp = stat_part_;   // [chunks, Ep + 1]: sum_t p[t, e], then sum_t lse^2
-    auto sn = count_part_;  // [chunks, Ep]: assignments to e
-    if (T_ > 0) {
+    if (!mma && T_ > 0) {
       auto pol = compat::light(policy(space, nch, ts, vl));
       std::size_t const acc_bytes = sizeof(Acc) * ts * (Ep + 1), int_bytes = sizeof(int) * ts * Ep;
       pol.set_scratch_size(0, Kokkos::PerTeam(acc_bytes + int_bytes + 64));
@@ -489,9 +522,9 @@ class Router {
             Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E + 1), [&](int e) {
               Acc p = 0;
               Kokkos::parallel_reduce(
-                  Kokkos::ThreadVectorRange(team, nch), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
+                  Kokkos::ThreadVectorRange(team, nparts), [&](int c, Acc &s) { s += sp(c, e < E ? e : Ep); }, p);
               int n = 0;
-              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nch), [&](int c, int &s) { s += sn(c, e); }, n);
+              if (e < E) Kokkos::parallel_reduce(Kokkos::ThreadVectorRange(team, nparts), [&](int c, int &s) { s += sn(c, e); }, n);
               Kokkos::single(Kokkos::PerThread(team), [&]() {
                 if (e < E) {
                   Acc const f = T_ > 0 ? Acc(n) / Acc(T_ * k) : Acc(0);
@@ -651,6 +684,36 @@ class Router {
           });
   }
 
+  // The tensor-core forward (RouterMma.hpp) with NT tiles of 8 experts:
+  // probs, lse, idx, gate and nparts rows of statistics partials.
+  template <int NT>
+  void forward_mma(ExecutionSpace const &space, Matrix<T const, memory_space> x, bool xvec, int nparts) {
+    using policy = Kokkos::TeamPolicy<ExecutionSpace>;
+    using member = typename policy::member_type;
+    int const T_ = static_cast<int>(x.extent(0)), d = dim_, E = experts_, k = opt_.top_k;
+    int const Ep = detail::router_padded_experts(E);
+    bool const renorm = opt_.renormalize;
+    auto Ws = Kokkos::View<unsigned const *, memory_space>(wsplit_);
+    auto b = bias;
+    auto P = probs;
+    auto L = lse;
+    auto I = idx;
+    auto G = gate;
+    auto sp = stat_part_;
+    auto sn = count_part_;
+    constexpr int warps = detail::router_mma_threads / 32;
+    std::size_t const pbytes = sizeof(float) * warps * (Ep + 1), nbytes = sizeof(int) * warps * Ep;
+    auto pol = compat::light(policy(space, nparts, detail::router_mma_threads));
+    pol.set_scratch_size(0, Kokkos::PerTeam(pbytes + nbytes + 64));
+    Kokkos::parallel_for(
+        "hexamoe::router_forward_mma", pol, KOKKOS_LAMBDA(member const &team) {
+          float *shp = static_cast<float *>(team.team_shmem().get_shmem(pbytes));
+          int *shn = static_cast<int *>(team.team_shmem().get_shmem(nbytes));
+          detail::router_mma_team<NT>(detail::RouterWarpCuda<member>{team}, x, T_, d, E, Ep, k, renorm, xvec, Ws, b, P,
+                                      L, I, G, sp, sn, shp, shn);
+        });
+  }
+
  private:
   void drop_results() {
     probs = {};
@@ -679,10 +742,12 @@ class Router {
       gate = Kokkos::View<Acc *, memory_space>(Kokkos::view_alloc(space, Kokkos::WithoutInitializing, "hexamoe::router.gate"), T_ * k);
     }
     int const nch = detail::router_chunks(T_, shape_.chunk);
-    if (static_cast<int>(wgrad_part_.extent(0)) != nch) {
+    // Statistics rows: a chunk each, or a team of the tensor-core forward.
+    int const nstat = std::max(nch, (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens);
+    if (static_cast<int>(wgrad_part_.extent(0)) != nch || static_cast<int>(stat_part_.extent(0)) != nstat) {
       auto alloc = [&](std::string const &label) { return Kokkos::view_alloc(space, Kokkos::WithoutInitializing, label); };
-      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nch, Ep + 1);
-      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nch, Ep);
+      stat_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.stat_partials"), nstat, Ep + 1);
+      count_part_ = Matrix<int, memory_space>(alloc("hexamoe::router.count_partials"), nstat, Ep);
       wgrad_part_ = Matrix<Acc, memory_space>(alloc("hexamoe::router.weight_grad_partials"), nch, (dim_ + 1) * E);
     }
   }
@@ -691,6 +756,7 @@ class Router {
   RouterOptions opt_;
   RouterShape shape_ = default_router_shape<ExecutionSpace>();
   weight_t_type weight_t_;                   // [Epad, d] copy of weight, made by forward
+  Kokkos::View<unsigned *, memory_space> wsplit_;  // tf32 hi + lo of weight (RouterMma.hpp), made by forward
   Matrix<Acc, memory_space> dlogits_;        // [T, Epad], columns past E zero
   Kokkos::View<Acc *, memory_space> losses_;  // [aux, z]
   Matrix<Acc, memory_space> stats_;          // [f_e; P_e]

@@ -2,6 +2,7 @@
 // against an independent float64 dense reference, its gradients against
 // central finite differences in float64, determinism, and argument checks.
 #include "Reference.hpp"
+#include "WarpEmulation.hpp"
 #include "core/MoeLayer.hpp"
 
 #include <gtest/gtest.h>
@@ -435,18 +436,136 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
   std::vector<RouterCase> const rcases = {
       {1500, 45, 12, 2, true}, {700, 20, 3, 3, false}, {333, 9, 1, 1, false}, {1, 7, 8, 1, false},
       {257, 48, 12, 2, false},   // d = 48: 16-byte vectors of x (4 float, 8 bf16) where lanes are many
-      {300, 16, 40, 2, false}};  // E k >= 64: softmax and top-k over the vector lanes
+      {300, 16, 40, 2, false},   // E k >= 64: softmax and top-k over the vector lanes
+      {250, 40, 20, 3, true}};   // CUDA tensor cores: 4 tiles of 8 experts (the last empty), d not a multiple of 32
+  // On CUDA the forward runs on the tensor cores (RouterMma.hpp) and, forced
+  // off, on the vector-lane kernels: both against the same reference.
+  std::vector<int> const mma_modes = detail::dev::is_cuda<Space> ? std::vector<int>{1, 0} : std::vector<int>{-1};
   unsigned seed = 500;
-  for (auto const &s : shapes)
-    for (auto const &c : rcases) {
-      SCOPED_TRACE("shape {" + std::to_string(s.team) + ", " + std::to_string(s.vector) + ", " + std::to_string(s.chunk) +
-                   ", " + std::to_string(s.columns) + "} T=" + std::to_string(c.T) + " d=" + std::to_string(c.d) +
-                   " E=" + std::to_string(c.E) + " k=" + std::to_string(c.k));
-      check_router<double>(c, s, 1e-12, seed);
-      check_router<float>(c, s, 1e-5, seed);
-      check_router<bfloat16>(c, s, 1e-2, seed);  // dx is stored in bf16 (2^-9 relative)
-      ++seed;
+  for (int mm : mma_modes)
+    for (auto const &s : shapes)
+      for (auto const &c : rcases) {
+        SCOPED_TRACE("shape {" + std::to_string(s.team) + ", " + std::to_string(s.vector) + ", " +
+                     std::to_string(s.chunk) + ", " + std::to_string(s.columns) + "} T=" + std::to_string(c.T) +
+                     " d=" + std::to_string(c.d) + " E=" + std::to_string(c.E) + " k=" + std::to_string(c.k) +
+                     " tensor-core router " + std::to_string(mm));
+        detail::router_mma_override() = mm;
+        check_router<double>(c, s, 1e-12, seed);
+        check_router<float>(c, s, 1e-5, seed);
+        check_router<bfloat16>(c, s, 1e-2, seed);  // dx is stored in bf16 (2^-9 relative)
+        detail::router_mma_override() = -1;
+        ++seed;
+      }
+}
+
+TEST(MoeLayer, RouterMmaSwitchRejectsUnknownValues) {
+  EXPECT_FALSE(detail::parse_router_mma(nullptr));
+  EXPECT_FALSE(detail::parse_router_mma(""));
+  EXPECT_TRUE(detail::parse_router_mma("1"));
+  EXPECT_FALSE(detail::parse_router_mma("0"));
+  try {
+    detail::parse_router_mma("yes");
+    FAIL() << "no error";
+  } catch (std::invalid_argument const &e) {
+    EXPECT_NE(std::string(e.what()).find("HEXAMOE_ROUTER_MMA='yes'"), std::string::npos) << e.what();
+  }
+}
+
+// The tensor-core router forward (RouterMma.hpp), run on the host through the
+// warp emulation (the CUDA test binaries run it on the GPU through
+// RouterKernelsUnderSeveralShapes as well): probabilities, lse, top-k, gates
+// and each team's statistics partials against float64.
+template <class T, int NT>
+void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool vec, unsigned seed) {
+  using HS = Kokkos::HostSpace;
+  int const Ep = detail::router_padded_experts(E), dp = detail::router_mma_cols(d);
+  int const teams = (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens;
+  ASSERT_EQ(NT, detail::router_mma_ntiles(E));
+  std::mt19937 rng(seed);
+  Vec const x = test::rounded<T>(test::random_vec(std::size_t(T_) * d, rng));
+  Vec const w = test::rounded<float>(test::random_vec(std::size_t(d) * E, rng, 0.5));
+  Vec const b = test::rounded<float>(test::random_vec(E, rng, 0.3));
+  Kokkos::View<T **, Kokkos::LayoutRight, HS> xv("x", T_, d);
+  for (int t = 0; t < T_; ++t)
+    for (int i = 0; i < d; ++i) xv(t, i) = static_cast<T>(x[std::size_t(t) * d + i]);
+  Kokkos::View<unsigned *, HS> ws("ws", std::size_t(NT) * 8 * dp * 2);
+  for (int e = 0; e < E; ++e)
+    for (int i = 0; i < d; ++i) {
+      unsigned hi, lo;
+      detail::dev::split_tf32(static_cast<float>(w[std::size_t(i) * E + e]), hi, lo);
+      ws(detail::router_ws_index(e, i, dp)) = hi;
+      ws(detail::router_ws_index(e, i, dp) + 8) = lo;
     }
+  Kokkos::View<float *, HS> bv("b", E);
+  for (int e = 0; e < E; ++e) bv(e) = static_cast<float>(b[e]);
+  Kokkos::View<float **, Kokkos::LayoutRight, HS> P("P", T_, E), sp("sp", teams, Ep + 1);
+  Kokkos::View<float *, HS> L("L", T_), G("G", std::size_t(T_) * k);
+  Kokkos::View<int **, Kokkos::LayoutRight, HS> I("I", T_, k), sn("sn", teams, Ep);
+  Kokkos::deep_copy(sp, std::numeric_limits<float>::quiet_NaN());
+  Kokkos::deep_copy(sn, -1);
+  std::vector<float> shp(4 * (Ep + 1));
+  std::vector<int> shn(4 * Ep);
+  Kokkos::View<T const **, Kokkos::LayoutRight, HS> xc = xv;
+  Kokkos::View<unsigned const *, HS> wc = ws;
+  test::emulate_teams(teams, [&](test::EmuWarpOps const &W) {
+    detail::router_mma_team<NT>(W, xc, T_, d, E, Ep, k, renorm, vec, wc, bv, P, L, I, G, sp, sn, shp.data(),
+                                shn.data());
+  });
+  Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k), gp, gl, gg;
+  std::vector<double> psum(std::size_t(teams) * (Ep + 1), 0.0);
+  std::vector<int> cnt(std::size_t(teams) * Ep, 0);
+  for (int t = 0; t < T_; ++t) {
+    Vec lg(E);
+    for (int e = 0; e < E; ++e) {
+      lg[e] = b[e];
+      for (int i = 0; i < d; ++i) lg[e] += x[std::size_t(t) * d + i] * w[std::size_t(i) * E + e];
+    }
+    double const mx = *std::max_element(lg.begin(), lg.end());
+    double s = 0;
+    for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
+    lse[t] = mx + std::log(s);
+    double *pt = &p[std::size_t(t) * E];
+    for (int e = 0; e < E; ++e) pt[e] = std::exp(lg[e] - lse[t]);
+    std::vector<int> order(E);
+    for (int e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return pt[u] > pt[v]; });
+    double z = 0;
+    int const c = t / detail::router_mma_tokens;
+    for (int j = 0; j < k; ++j) {
+      int const kj = I(t, j);
+      ASSERT_TRUE(kj >= 0 && kj < E) << "t=" << t << " j=" << j;
+      if (kj != order[j]) {
+        EXPECT_LE(std::fabs(pt[kj] - pt[order[j]]), 1e-6) << "t=" << t << " j=" << j;
+      }
+      for (int m = 0; m < j; ++m) EXPECT_NE(I(t, m), kj) << "t=" << t << " chose " << kj << " twice";
+      gate[std::size_t(t) * k + j] = pt[kj];
+      z += pt[kj];
+      cnt[std::size_t(c) * Ep + kj] += 1;
+    }
+    if (renorm)
+      for (int j = 0; j < k; ++j) gate[std::size_t(t) * k + j] /= z;
+    for (int e = 0; e < E; ++e) psum[std::size_t(c) * (Ep + 1) + e] += pt[e];
+    psum[std::size_t(c) * (Ep + 1) + Ep] += lse[t] * lse[t];
+  }
+  EXPECT_LE(test::rel_error(test::from_view(P), p), 1e-5) << "probs";
+  EXPECT_LE(test::rel_error(test::from_view(L), lse), 1e-5) << "lse";
+  EXPECT_LE(test::rel_error(test::from_view(G), gate), 1e-5) << "gate";
+  EXPECT_LE(test::rel_error(test::from_view(sp), psum), 1e-5) << "statistics partials";
+  for (int c = 0; c < teams; ++c)
+    for (int e = 0; e < Ep; ++e) EXPECT_EQ(sn(c, e), cnt[std::size_t(c) * Ep + e]) << "team " << c << " expert " << e;
+}
+
+TEST(MoeLayer, RouterTensorCoreKernelEmulated) {
+  // NT = 1, 2, 4, 8 tiles of experts; d a multiple of 32, of 8 only, and
+  // neither (scalar loads); tokens that fill no last team; k up to E.
+  check_router_mma_emulated<bfloat16, 1>(150, 64, 8, 1, false, true, 11);
+  check_router_mma_emulated<float, 1>(150, 64, 8, 1, false, true, 12);
+  check_router_mma_emulated<bfloat16, 1>(70, 45, 3, 3, false, false, 13);
+  check_router_mma_emulated<float, 2>(100, 40, 12, 2, true, true, 14);
+  check_router_mma_emulated<bfloat16, 2>(64, 9, 16, 2, true, false, 15);
+  check_router_mma_emulated<bfloat16, 4>(90, 48, 20, 3, true, true, 16);
+  check_router_mma_emulated<float, 8>(80, 16, 40, 2, false, false, 17);
+  check_router_mma_emulated<bfloat16, 8>(65, 32, 64, 2, false, true, 18);
 }
 
 TEST(MoeLayer, RouterWithoutTokens) {

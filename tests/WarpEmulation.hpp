@@ -1,0 +1,132 @@
+// WarpEmulation.hpp: a host emulation of one CUDA team of 128 threads (four
+// warps) for kernels written against the warp operations of
+// core/RouterMma.hpp (rank, league, barrier, shfl_xor, mma m16n8k8 tf32), so
+// that tests check the tensor-core kernel's fragment layouts, shuffles and
+// reductions without a GPU. One std::thread per lane; every exchange is a
+// barrier. The mma follows the PTX ISA's fragment layouts for
+// mma.m16n8k8.row.col.f32.tf32.tf32.f32 and reads its operands as the
+// hardware does (the top 19 bits of each 32-bit pattern); products of tf32
+// values are exact in float, summed in k order onto the accumulator.
+#pragma once
+
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace hexamoe::test {
+
+class EmuBarrier {
+ public:
+  explicit EmuBarrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    long const gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_;
+  int count_ = 0;
+  long gen_ = 0;
+};
+
+struct EmuWarp {
+  EmuBarrier bar{32};
+  unsigned a[32][4] = {};
+  unsigned b[32][2] = {};
+  float f[32] = {};
+  int i[32] = {};
+};
+
+struct EmuTeam {
+  static constexpr int threads = 128;
+  EmuBarrier bar{threads};
+  EmuWarp warp[threads / 32];
+};
+
+inline float tf32_operand(unsigned bits) {
+  bits &= 0xffffe000u;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct EmuWarpOps {
+  EmuTeam *team;
+  int tid;
+  int league_rank;
+
+  int rank() const { return tid; }
+  int league() const { return league_rank; }
+  void barrier() const { team->bar.wait(); }
+  float shfl_xor(float v, int m) const {
+    EmuWarp &w = team->warp[tid / 32];
+    int const l = tid % 32;
+    w.f[l] = v;
+    w.bar.wait();
+    float const r = w.f[l ^ m];
+    w.bar.wait();
+    return r;
+  }
+  int shfl_xor(int v, int m) const {
+    EmuWarp &w = team->warp[tid / 32];
+    int const l = tid % 32;
+    w.i[l] = v;
+    w.bar.wait();
+    int const r = w.i[l ^ m];
+    w.bar.wait();
+    return r;
+  }
+  // d (16 x 8) += a (16 x 8, row) b (8 x 8, col); lane = 4 g + t holds
+  // a: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4); b: (t, g), (t + 4, g);
+  // d: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+  void mma(float (&acc)[4], unsigned const (&a)[4], unsigned b0, unsigned b1) const {
+    EmuWarp &w = team->warp[tid / 32];
+    int const l = tid % 32, g = l >> 2, t = l & 3;
+    for (int q = 0; q < 4; ++q) w.a[l][q] = a[q];
+    w.b[l][0] = b0;
+    w.b[l][1] = b1;
+    w.bar.wait();
+    float out[4];
+    for (int q = 0; q < 4; ++q) {
+      int const row = g + (q >= 2 ? 8 : 0), col = 2 * t + (q & 1);
+      float s = acc[q];
+      for (int k = 0; k < 8; ++k) {
+        unsigned const av = w.a[(row % 8) * 4 + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)];
+        unsigned const bv = w.b[col * 4 + k % 4][k >= 4 ? 1 : 0];
+        s += tf32_operand(av) * tf32_operand(bv);
+      }
+      out[q] = s;
+    }
+    w.bar.wait();
+    for (int q = 0; q < 4; ++q) acc[q] = out[q];
+  }
+};
+
+// body(ops) for every league rank c < league, teams one after another, each
+// on 128 lane threads.
+template <class Body>
+void emulate_teams(int league, Body const &body) {
+  EmuTeam team;
+  std::vector<std::thread> lanes;
+  for (int tid = 0; tid < EmuTeam::threads; ++tid)
+    lanes.emplace_back([&team, &body, league, tid] {
+      for (int c = 0; c < league; ++c) {
+        body(EmuWarpOps{&team, tid, c});
+        team.bar.wait();
+      }
+    });
+  for (auto &l : lanes) l.join();
+}
+
+}  // namespace hexamoe::test
