@@ -10,7 +10,7 @@
 // into dWr, dbr and the router's share of dx.
 //
 // On CUDA (bf16 and float32 storage, at most 64 experts) HEXAMOE_ROUTER_MMA=1
-// makes the forward one tensor-core kernel with the statistics fused
+// makes the forward one tensor-core kernel with the statistics and losses fused
 // (RouterMma.hpp; opt-in until measured on a GPU).
 // Elsewhere kernels are hierarchical (team threads x vector lanes; one thread and one
 // lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
@@ -509,10 +509,11 @@ class Router {
 
     // f_e, P_e and both losses: one team, each expert's chunk partials summed
     // over vector lanes (fixed order), the aux sum over experts in one lane.
+    // (The tensor-core forward's last team did this already.)
     auto st = stats_;
     auto ls = losses_;
     Acc const aw = static_cast<Acc>(opt_.aux_loss_weight), zw = static_cast<Acc>(opt_.z_loss_weight);
-    {
+    if (!(mma && T_ > 0)) {
       auto pol = compat::light(policy(space, 1, ts, vl));
       std::size_t const bytes = sizeof(Acc) * (2 * E + 1);
       pol.set_scratch_size(0, Kokkos::PerTeam(bytes + 64));
@@ -701,8 +702,13 @@ class Router {
     auto G = gate;
     auto sp = stat_part_;
     auto sn = count_part_;
+    auto st = stats_;
+    auto ls = losses_;
+    float const aw = static_cast<float>(opt_.aux_loss_weight), zw = static_cast<float>(opt_.z_loss_weight);
+    if (!teams_done_.data()) teams_done_ = Kokkos::View<unsigned, memory_space>("hexamoe::router.teams_done");
+    unsigned *done = teams_done_.data();
     constexpr int warps = detail::router_mma_threads / 32;
-    std::size_t const pbytes = sizeof(float) * warps * (Ep + 1), nbytes = sizeof(int) * warps * Ep;
+    std::size_t const pbytes = sizeof(float) * warps * (Ep + 1), nbytes = sizeof(int) * (warps * Ep + 1);
     auto pol = compat::light(policy(space, nparts, detail::router_mma_threads));
     pol.set_scratch_size(0, Kokkos::PerTeam(pbytes + nbytes + 64));
     Kokkos::parallel_for(
@@ -710,7 +716,7 @@ class Router {
           float *shp = static_cast<float *>(team.team_shmem().get_shmem(pbytes));
           int *shn = static_cast<int *>(team.team_shmem().get_shmem(nbytes));
           detail::router_mma_team<NT>(detail::RouterWarpCuda<member>{team}, x, T_, d, E, Ep, k, renorm, xvec, Ws, b, P,
-                                      L, I, G, sp, sn, shp, shn);
+                                      L, I, G, sp, sn, st, ls, aw, zw, done, shp, shn);
         });
   }
 
@@ -757,6 +763,7 @@ class Router {
   RouterShape shape_ = default_router_shape<ExecutionSpace>();
   weight_t_type weight_t_;                   // [Epad, d] copy of weight, made by forward
   Kokkos::View<unsigned *, memory_space> wsplit_;  // tf32 hi + lo of weight (RouterMma.hpp), made by forward
+  Kokkos::View<unsigned, memory_space> teams_done_;  // the tensor-core forward's finished teams (zero between launches)
   Matrix<Acc, memory_space> dlogits_;        // [T, Epad], columns past E zero
   Kokkos::View<Acc *, memory_space> losses_;  // [aux, z]
   Matrix<Acc, memory_space> stats_;          // [f_e; P_e]

@@ -4,8 +4,9 @@
 // with mma.sync m16n8k8 (tf32 operands, float32 accumulation; 8 experts per
 // n tile), then softmax, top-k and the gates within each quad of lanes that
 // holds a token's logits (shuffles, no scratch), and the team's statistics
-// (sum_t p[t, e], assignments to e, sum_t lse^2) as one partial row per team,
-// so no separate statistics kernel reads the probabilities back.
+// (sum_t p[t, e], assignments to e, sum_t lse^2) as one partial row per team;
+// the last team to finish adds the rows up into the losses. So no separate
+// statistics or losses kernel runs.
 //
 // Accuracy: Wr enters as tf32 hi + lo (split_tf32, about 2^-21 relative).
 // bf16 x is exact in tf32, so a logit is x (Wr_hi + Wr_lo) with two products;
@@ -141,7 +142,12 @@ struct RouterWarpCuda {
   Member const &team;
   KOKKOS_INLINE_FUNCTION int rank() const { return team.team_rank(); }
   KOKKOS_INLINE_FUNCTION int league() const { return team.league_rank(); }
+  KOKKOS_INLINE_FUNCTION int league_size() const { return team.league_size(); }
   KOKKOS_INLINE_FUNCTION void barrier() const { team.team_barrier(); }
+  // Device-wide ordering of this thread's writes (a release before the
+  // counter, an acquire after it).
+  KOKKOS_INLINE_FUNCTION void fence() const { Kokkos::memory_fence(); }
+  KOKKOS_INLINE_FUNCTION unsigned atomic_inc(unsigned *p) const { return Kokkos::atomic_fetch_add(p, 1u); }
   template <class V>
   KOKKOS_INLINE_FUNCTION V shfl_xor(V v, int m) const {
 #if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
@@ -157,14 +163,23 @@ struct RouterWarpCuda {
 };
 
 // One team: 64 tokens from league rank c; writes P, L, I, G for its tokens
-// and row c of the partials sp [.., Ep + 1] and sn [.., Ep]. shp, shn: team
-// scratch of 4 (Ep + 1) floats and 4 Ep ints. W: the warp operations.
+// and row c of the partials sp [.., Ep + 1] and sn [.., Ep]; the last team
+// to finish (a counter, done, back to zero after) adds every team's row in
+// team order and writes st [f_e; P_e] and ls [aux, z] (weights aw, zw).
+// shp, shn: team scratch of 4 (Ep + 1) floats and 4 Ep + 1 ints. W: the
+// warp operations.
+// (Host-only warp operations, as the tests' emulation, instantiate it for
+// the host alone: no host-device check for them.)
+#if defined(__CUDACC__) && !defined(__HIP__)
+#pragma nv_exec_check_disable
+#endif
 template <int NT, class Warp, class XView, class WsView, class BView, class PView, class LView, class IView,
-          class GView, class SPView, class SNView>
+          class GView, class SPView, class SNView, class STView, class LSView>
 KOKKOS_INLINE_FUNCTION void router_mma_team(Warp const &W, XView const &x, int T_, int d, int E, int Ep, int k,
                                             bool renorm, bool vec, WsView const &ws, BView const &b, PView const &P,
                                             LView const &L, IView const &I, GView const &G, SPView const &sp,
-                                            SNView const &sn, float *shp, int *shn) {
+                                            SNView const &sn, STView const &st, LSView const &ls, float aw,
+                                            float zw, unsigned *done, float *shp, int *shn) {
   using S = std::remove_const_t<typename XView::value_type>;
   constexpr bool BF = std::is_same_v<S, bfloat16>;
   int const tid = W.rank(), warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -347,6 +362,46 @@ HEXAMOE_UNROLL
     }
     sp(c, e) = s;
     if (e < Ep) sn(c, e) = m;
+  }
+  // The last team: every row of partials (written before each team's count,
+  // read after this team's), each column summed over the teams in order by
+  // one warp (lanes over teams, then a butterfly), then the losses in one
+  // thread, as the separate losses kernel of the other path.
+  W.fence();
+  W.barrier();
+  int const teams = W.league_size();
+  if (tid == 0) shn[4 * Ep] = W.atomic_inc(done) == unsigned(teams - 1) ? 1 : 0;
+  W.barrier();
+  if (shn[4 * Ep] == 0) return;
+  W.fence();
+  for (int e = warp; e < Ep + 1; e += router_mma_threads / 32) {
+    float s = 0.f;
+    int m = 0;
+    for (int r = lane; r < teams; r += 32) {
+      s += *reinterpret_cast<float const volatile *>(&sp(r, e));
+      if (e < Ep) m += *reinterpret_cast<int const volatile *>(&sn(r, e));
+    }
+    for (int o = 1; o <= 16; o <<= 1) {
+      s += W.shfl_xor(s, o);
+      m += W.shfl_xor(m, o);
+    }
+    if (lane == 0) {
+      shp[e] = s;
+      shn[e] = m;
+    }
+  }
+  W.barrier();
+  if (tid == 0) {
+    float aux = 0.f;
+    for (int e = 0; e < E; ++e) {
+      float const f = float(shn[e]) / float(T_ * k), pe = shp[e] / float(T_);
+      st(0, e) = f;
+      st(1, e) = pe;
+      aux += f * pe;
+    }
+    ls(0) = aw * float(E) * aux;
+    ls(1) = zw * shp[Ep] / float(T_);
+    *done = 0u;
   }
 }
 

@@ -1,6 +1,7 @@
 // WarpEmulation.hpp: a host emulation of one CUDA team of 128 threads (four
 // warps) for kernels written against the warp operations of
-// core/RouterMma.hpp (rank, league, barrier, shfl_xor, mma m16n8k8 tf32), so
+// core/RouterMma.hpp (rank, league, barrier, fence, atomic_inc, shfl_xor, mma
+// m16n8k8 tf32), so
 // that tests check the tensor-core kernel's fragment layouts, shuffles and
 // reductions without a GPU. One std::thread per lane; every exchange is a
 // barrier. The mma follows the PTX ISA's fragment layouts for
@@ -9,6 +10,7 @@
 // values are exact in float, summed in k order onto the accumulator.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -44,8 +46,7 @@ struct EmuWarp {
   EmuBarrier bar{32};
   unsigned a[32][4] = {};
   unsigned b[32][2] = {};
-  float f[32] = {};
-  int i[32] = {};
+  unsigned x[32] = {};
 };
 
 struct EmuTeam {
@@ -65,25 +66,24 @@ struct EmuWarpOps {
   EmuTeam *team;
   int tid;
   int league_rank;
+  int league_count;
 
   int rank() const { return tid; }
   int league() const { return league_rank; }
+  int league_size() const { return league_count; }
   void barrier() const { team->bar.wait(); }
-  float shfl_xor(float v, int m) const {
+  void fence() const { std::atomic_thread_fence(std::memory_order_seq_cst); }
+  unsigned atomic_inc(unsigned *p) const { return __atomic_fetch_add(p, 1u, __ATOMIC_SEQ_CST); }
+  // A 32-bit value (float or int) from lane l ^ m.
+  template <class V>
+  V shfl_xor(V v, int m) const {
+    static_assert(sizeof(V) == sizeof(unsigned), "32-bit shuffles only");
     EmuWarp &w = team->warp[tid / 32];
     int const l = tid % 32;
-    w.f[l] = v;
+    std::memcpy(&w.x[l], &v, sizeof v);
     w.bar.wait();
-    float const r = w.f[l ^ m];
-    w.bar.wait();
-    return r;
-  }
-  int shfl_xor(int v, int m) const {
-    EmuWarp &w = team->warp[tid / 32];
-    int const l = tid % 32;
-    w.i[l] = v;
-    w.bar.wait();
-    int const r = w.i[l ^ m];
+    V r;
+    std::memcpy(&r, &w.x[l ^ m], sizeof r);
     w.bar.wait();
     return r;
   }
@@ -113,16 +113,19 @@ struct EmuWarpOps {
   }
 };
 
-// body(ops) for every league rank c < league, teams one after another, each
-// on 128 lane threads.
+// body(ops) for every league rank c < league, teams one after another in
+// reverse order (the last to finish is rank 0, as a GPU may order them),
+// each on 128 lane threads. Teams never overlap here, so what orders one
+// team's writes before another's reads (fences, the counter) is checked on
+// GPUs only.
 template <class Body>
 void emulate_teams(int league, Body const &body) {
   EmuTeam team;
   std::vector<std::thread> lanes;
   for (int tid = 0; tid < EmuTeam::threads; ++tid)
     lanes.emplace_back([&team, &body, league, tid] {
-      for (int c = 0; c < league; ++c) {
-        body(EmuWarpOps{&team, tid, c});
+      for (int c = league - 1; c >= 0; --c) {
+        body(EmuWarpOps{&team, tid, c, league});
         team.bar.wait();
       }
     });

@@ -503,14 +503,21 @@ void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool ve
   Kokkos::View<int **, Kokkos::LayoutRight, HS> I("I", T_, k), sn("sn", teams, Ep);
   Kokkos::deep_copy(sp, std::numeric_limits<float>::quiet_NaN());
   Kokkos::deep_copy(sn, -1);
+  Kokkos::View<float **, Kokkos::LayoutRight, HS> st("st", 2, E);
+  Kokkos::View<float *, HS> ls("ls", 2);
+  Kokkos::deep_copy(st, std::numeric_limits<float>::quiet_NaN());
+  Kokkos::deep_copy(ls, std::numeric_limits<float>::quiet_NaN());
+  double const aw = 0.01, zw = 0.001;
+  unsigned done = 0;
   std::vector<float> shp(4 * (Ep + 1));
-  std::vector<int> shn(4 * Ep);
+  std::vector<int> shn(4 * Ep + 1);
   Kokkos::View<T const **, Kokkos::LayoutRight, HS> xc = xv;
   Kokkos::View<unsigned const *, HS> wc = ws;
   test::emulate_teams(teams, [&](test::EmuWarpOps const &W) {
-    detail::router_mma_team<NT>(W, xc, T_, d, E, Ep, k, renorm, vec, wc, bv, P, L, I, G, sp, sn, shp.data(),
-                                shn.data());
+    detail::router_mma_team<NT>(W, xc, T_, d, E, Ep, k, renorm, vec, wc, bv, P, L, I, G, sp, sn, st, ls, float(aw),
+                                float(zw), &done, shp.data(), shn.data());
   });
+  EXPECT_EQ(done, 0u) << "the last team resets the counter";
   Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k), gp, gl, gg;
   std::vector<double> psum(std::size_t(teams) * (Ep + 1), 0.0);
   std::vector<int> cnt(std::size_t(teams) * Ep, 0);
@@ -553,6 +560,24 @@ void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool ve
   EXPECT_LE(test::rel_error(test::from_view(sp), psum), 1e-5) << "statistics partials";
   for (int c = 0; c < teams; ++c)
     for (int e = 0; e < Ep; ++e) EXPECT_EQ(sn(c, e), cnt[std::size_t(c) * Ep + e]) << "team " << c << " expert " << e;
+  // f_e, P_e and the losses, from the reference's probabilities and the kernel's choices.
+  Vec f(E, 0.0), pm(E, 0.0);
+  double aux = 0, zsum = 0;
+  for (int e = 0; e < E; ++e) {
+    for (int c = 0; c < teams; ++c) {
+      f[e] += cnt[std::size_t(c) * Ep + e];
+      pm[e] += psum[std::size_t(c) * (Ep + 1) + e];
+    }
+    f[e] /= double(T_) * k;
+    pm[e] /= T_;
+    aux += f[e] * pm[e];
+  }
+  for (int t = 0; t < T_; ++t) zsum += lse[t] * lse[t];
+  Vec stv(2 * E);
+  for (int e = 0; e < E; ++e) stv[e] = f[e], stv[E + e] = pm[e];
+  EXPECT_LE(test::rel_error(test::from_view(st), stv), 1e-5) << "f_e, P_e";
+  EXPECT_NEAR(ls(0), aw * E * aux, 1e-5 * aw * E * aux) << "aux";
+  EXPECT_NEAR(ls(1), zw * zsum / T_, 1e-5 * zw * zsum / T_) << "z";
 }
 
 TEST(MoeLayer, RouterTensorCoreKernelEmulated) {
@@ -566,6 +591,7 @@ TEST(MoeLayer, RouterTensorCoreKernelEmulated) {
   check_router_mma_emulated<bfloat16, 4>(90, 48, 20, 3, true, true, 16);
   check_router_mma_emulated<float, 8>(80, 16, 40, 2, false, false, 17);
   check_router_mma_emulated<bfloat16, 8>(65, 32, 64, 2, false, true, 18);
+  check_router_mma_emulated<bfloat16, 1>(2100, 32, 8, 2, false, true, 19);  // 33 teams: more than a warp's lanes
 }
 
 TEST(MoeLayer, RouterWithoutTokens) {
