@@ -303,6 +303,27 @@ struct RouterCase {
   bool renorm;
 };
 
+// float64 router of token t: the probabilities into pt[0 .. E), the
+// experts ordered by them (ties to the lower) into order; returns the
+// logsumexp of the logits.
+double router_reference_token(Vec const &x, Vec const &w, Vec const &b, int t, int d, int E, double *pt,
+                              std::vector<int> &order) {
+  Vec lg(E);
+  for (int e = 0; e < E; ++e) {
+    lg[e] = b[e];
+    for (int i = 0; i < d; ++i) lg[e] += x[std::size_t(t) * d + i] * w[std::size_t(i) * E + e];
+  }
+  double const mx = *std::max_element(lg.begin(), lg.end());
+  double s = 0;
+  for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
+  double const lse = mx + std::log(s);
+  for (int e = 0; e < E; ++e) pt[e] = std::exp(lg[e] - lse);
+  order.resize(E);
+  for (int e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return pt[u] > pt[v]; });
+  return lse;
+}
+
 template <class T>
 void check_router(RouterCase const &c, RouterShape const &shape, double tol, unsigned seed) {
   using A = accumulator_t<T>;
@@ -345,22 +366,11 @@ void check_router(RouterCase const &c, RouterShape const &shape, double tol, uns
   int const T_ = c.T, d = c.d, E = c.E, k = c.k;
   Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k), cnt(E, 0.0), pe(E, 0.0);
   double zsum = 0;
+  std::vector<int> order;
   for (int t = 0; t < T_; ++t) {
-    Vec lg(E);
-    for (int e = 0; e < E; ++e) {
-      lg[e] = br[e];
-      for (int i = 0; i < d; ++i) lg[e] += x[std::size_t(t) * d + i] * wr[std::size_t(i) * E + e];
-    }
-    double const mx = *std::max_element(lg.begin(), lg.end());
-    double s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
-    lse[t] = mx + std::log(s);
-    zsum += lse[t] * lse[t];
     double *pt = &p[std::size_t(t) * E];
-    for (int e = 0; e < E; ++e) pt[e] = std::exp(lg[e] - lse[t]);
-    std::vector<int> order(E);
-    for (int e = 0; e < E; ++e) order[e] = e;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pt[a] > pt[b]; });
+    lse[t] = router_reference_token(x, wr, br, t, d, E, pt, order);
+    zsum += lse[t] * lse[t];
     double zs = 0;
     for (int j = 0; j < k; ++j) {
       int const kj = idx[std::size_t(t) * k + j];
@@ -518,24 +528,13 @@ void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool ve
                                 float(zw), &done, shp.data(), shn.data());
   });
   EXPECT_EQ(done, 0u) << "the last team resets the counter";
-  Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k), gp, gl, gg;
+  Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k);
   std::vector<double> psum(std::size_t(teams) * (Ep + 1), 0.0);
   std::vector<int> cnt(std::size_t(teams) * Ep, 0);
+  std::vector<int> order;
   for (int t = 0; t < T_; ++t) {
-    Vec lg(E);
-    for (int e = 0; e < E; ++e) {
-      lg[e] = b[e];
-      for (int i = 0; i < d; ++i) lg[e] += x[std::size_t(t) * d + i] * w[std::size_t(i) * E + e];
-    }
-    double const mx = *std::max_element(lg.begin(), lg.end());
-    double s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(lg[e] - mx);
-    lse[t] = mx + std::log(s);
     double *pt = &p[std::size_t(t) * E];
-    for (int e = 0; e < E; ++e) pt[e] = std::exp(lg[e] - lse[t]);
-    std::vector<int> order(E);
-    for (int e = 0; e < E; ++e) order[e] = e;
-    std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return pt[u] > pt[v]; });
+    lse[t] = router_reference_token(x, w, b, t, d, E, pt, order);
     double z = 0;
     int const c = t / detail::router_mma_tokens;
     for (int j = 0; j < k; ++j) {
