@@ -162,6 +162,19 @@ struct RouterWarpCuda {
   }
 };
 
+// f(n, q, e) for each of this thread's logit slots (quad lane t): expert
+// e = 8n + 2t + q, in acc[n][q] (first row) and acc[n][2 + q] (second).
+#if defined(__CUDACC__) && !defined(__HIP__)
+#pragma nv_exec_check_disable
+#endif
+template <int NT, class F>
+KOKKOS_FORCEINLINE_FUNCTION void router_slots(int t, F &&f) {
+HEXAMOE_UNROLL
+  for (int n = 0; n < NT; ++n)
+HEXAMOE_UNROLL
+    for (int q = 0; q < 2; ++q) f(n, q, 8 * n + 2 * t + q);
+}
+
 // One team: 64 tokens from league rank c; writes P, L, I, G for its tokens
 // and row c of the partials sp [.., Ep + 1] and sn [.., Ep]; the last team
 // to finish (a counter, done, back to zero after) adds every team's row in
@@ -230,54 +243,42 @@ HEXAMOE_UNROLL
   }
   // This thread's logits: rows r0 (acc[n][q]) and r1 (acc[n][2 + q]), experts 8n + 2t + q.
   float m0 = -3.402823466e38f, m1 = -3.402823466e38f;
-HEXAMOE_UNROLL
-  for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-    for (int q = 0; q < 2; ++q) {
-      int const e = 8 * n + 2 * t + q;
-      if (e < E) {
-        float const be = b(e);
-        acc[n][q] += be;
-        acc[n][2 + q] += be;
-        m0 = acc[n][q] > m0 ? acc[n][q] : m0;
-        m1 = acc[n][2 + q] > m1 ? acc[n][2 + q] : m1;
-      }
+  router_slots<NT>(t, [&](int n, int q, int e) {
+    if (e < E) {
+      float const be = b(e);
+      acc[n][q] += be;
+      acc[n][2 + q] += be;
+      m0 = acc[n][q] > m0 ? acc[n][q] : m0;
+      m1 = acc[n][2 + q] > m1 ? acc[n][2 + q] : m1;
     }
+  });
   for (int o = 1; o <= 2; o <<= 1) {
     float const a0 = W.shfl_xor(m0, o), a1 = W.shfl_xor(m1, o);
     m0 = a0 > m0 ? a0 : m0;
     m1 = a1 > m1 ? a1 : m1;
   }
   float s0 = 0.f, s1 = 0.f;
-HEXAMOE_UNROLL
-  for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-    for (int q = 0; q < 2; ++q) {
-      int const e = 8 * n + 2 * t + q;
-      float const v0 = e < E ? compat::exp(acc[n][q] - m0) : 0.f, v1 = e < E ? compat::exp(acc[n][2 + q] - m1) : 0.f;
-      acc[n][q] = v0;
-      acc[n][2 + q] = v1;
-      s0 += v0;
-      s1 += v1;
-    }
+  router_slots<NT>(t, [&](int n, int q, int e) {
+    float const v0 = e < E ? compat::exp(acc[n][q] - m0) : 0.f, v1 = e < E ? compat::exp(acc[n][2 + q] - m1) : 0.f;
+    acc[n][q] = v0;
+    acc[n][2 + q] = v1;
+    s0 += v0;
+    s1 += v1;
+  });
   // Butterflies: every lane of the quad ends with the same sum.
   s0 += W.shfl_xor(s0, 1);
   s1 += W.shfl_xor(s1, 1);
   s0 += W.shfl_xor(s0, 2);
   s1 += W.shfl_xor(s1, 2);
   float const lse0 = m0 + compat::log(s0), lse1 = m1 + compat::log(s1);
-HEXAMOE_UNROLL
-  for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-    for (int q = 0; q < 2; ++q) {
-      int const e = 8 * n + 2 * t + q;
-      acc[n][q] /= s0;
-      acc[n][2 + q] /= s1;
-      if (e < E) {
-        if (ok0) P(r0, e) = acc[n][q];
-        if (ok1) P(r1, e) = acc[n][2 + q];
-      }
+  router_slots<NT>(t, [&](int n, int q, int e) {
+    acc[n][q] /= s0;
+    acc[n][2 + q] /= s1;
+    if (e < E) {
+      if (ok0) P(r0, e) = acc[n][q];
+      if (ok1) P(r1, e) = acc[n][2 + q];
     }
+  });
   if (t == 0) {
     if (ok0) L(r0) = lse0;
     if (ok1) L(r1) = lse1;
@@ -288,16 +289,12 @@ HEXAMOE_UNROLL
   for (int j = 0; j < k; ++j) {
     float v0 = -1.f, v1 = -1.f;
     int e0 = -1, e1 = -1;
-HEXAMOE_UNROLL
-    for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-      for (int q = 0; q < 2; ++q) {
-        int const e = 8 * n + 2 * t + q;
-        if (e < E) {
-          if (!((tk0 >> (2 * n + q)) & 1u) && (e0 < 0 || acc[n][q] > v0)) v0 = acc[n][q], e0 = e;
-          if (!((tk1 >> (2 * n + q)) & 1u) && (e1 < 0 || acc[n][2 + q] > v1)) v1 = acc[n][2 + q], e1 = e;
-        }
+    router_slots<NT>(t, [&](int n, int q, int e) {
+      if (e < E) {
+        if (!((tk0 >> (2 * n + q)) & 1u) && (e0 < 0 || acc[n][q] > v0)) v0 = acc[n][q], e0 = e;
+        if (!((tk1 >> (2 * n + q)) & 1u) && (e1 < 0 || acc[n][2 + q] > v1)) v1 = acc[n][2 + q], e1 = e;
       }
+    });
     for (int o = 1; o <= 2; o <<= 1) {
       float const ov0 = W.shfl_xor(v0, o), ov1 = W.shfl_xor(v1, o);
       int const oe0 = W.shfl_xor(e0, o), oe1 = W.shfl_xor(e1, o);
@@ -321,35 +318,25 @@ HEXAMOE_UNROLL
   // The warp's statistics: both rows, then butterflies over the 8 row groups.
   float ps[NT][2];
   int pn[NT][2];
-HEXAMOE_UNROLL
-  for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-    for (int q = 0; q < 2; ++q) {
-      ps[n][q] = (ok0 ? acc[n][q] : 0.f) + (ok1 ? acc[n][2 + q] : 0.f);
-      pn[n][q] = (ok0 && ((tk0 >> (2 * n + q)) & 1u) ? 1 : 0) + (ok1 && ((tk1 >> (2 * n + q)) & 1u) ? 1 : 0);
-    }
+  router_slots<NT>(t, [&](int n, int q, int) {
+    ps[n][q] = (ok0 ? acc[n][q] : 0.f) + (ok1 ? acc[n][2 + q] : 0.f);
+    pn[n][q] = (ok0 && ((tk0 >> (2 * n + q)) & 1u) ? 1 : 0) + (ok1 && ((tk1 >> (2 * n + q)) & 1u) ? 1 : 0);
+  });
   float zz = (ok0 ? lse0 * lse0 : 0.f) + (ok1 ? lse1 * lse1 : 0.f);
   for (int o = 4; o <= 16; o <<= 1) {
-HEXAMOE_UNROLL
-    for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-      for (int q = 0; q < 2; ++q) {
-        ps[n][q] += W.shfl_xor(ps[n][q], o);
-        pn[n][q] += W.shfl_xor(pn[n][q], o);
-      }
+    router_slots<NT>(t, [&](int n, int q, int) {
+      ps[n][q] += W.shfl_xor(ps[n][q], o);
+      pn[n][q] += W.shfl_xor(pn[n][q], o);
+    });
     zz += W.shfl_xor(zz, o);
   }
   if (g == 0) {
-HEXAMOE_UNROLL
-    for (int n = 0; n < NT; ++n)
-HEXAMOE_UNROLL
-      for (int q = 0; q < 2; ++q) {
-        int const e = 8 * n + 2 * t + q;
-        if (e < Ep) {
-          shp[warp * (Ep + 1) + e] = ps[n][q];
-          shn[warp * Ep + e] = pn[n][q];
-        }
+    router_slots<NT>(t, [&](int n, int q, int e) {
+      if (e < Ep) {
+        shp[warp * (Ep + 1) + e] = ps[n][q];
+        shn[warp * Ep + e] = pn[n][q];
       }
+    });
     if (t == 0) shp[warp * (Ep + 1) + Ep] = zz;
   }
   W.barrier();

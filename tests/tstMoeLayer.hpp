@@ -485,16 +485,23 @@ TEST(MoeLayer, RouterMmaSwitchRejectsUnknownValues) {
 // warp emulation (the CUDA test binaries run it on the GPU through
 // RouterKernelsUnderSeveralShapes as well): probabilities, lse, top-k, gates
 // and each team's statistics partials against float64.
+// ties: the second half of the experts copies the first (weights and bias),
+// so every token's probabilities tie exactly in pairs.
 template <class T, int NT>
-void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool vec, unsigned seed) {
+void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool vec, unsigned seed, bool ties = false) {
   using HS = Kokkos::HostSpace;
   int const Ep = detail::router_padded_experts(E), dp = detail::router_mma_cols(d);
   int const teams = (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens;
   ASSERT_EQ(NT, detail::router_mma_ntiles(E));
   std::mt19937 rng(seed);
   Vec const x = test::rounded<T>(test::random_vec(std::size_t(T_) * d, rng));
-  Vec const w = test::rounded<float>(test::random_vec(std::size_t(d) * E, rng, 0.5));
-  Vec const b = test::rounded<float>(test::random_vec(E, rng, 0.3));
+  Vec w = test::rounded<float>(test::random_vec(std::size_t(d) * E, rng, 0.5));
+  Vec b = test::rounded<float>(test::random_vec(E, rng, 0.3));
+  if (ties)
+    for (int e = E / 2; e < 2 * (E / 2); ++e) {
+      b[e] = b[e - E / 2];
+      for (int i = 0; i < d; ++i) w[std::size_t(i) * E + e] = w[std::size_t(i) * E + e - E / 2];
+    }
   Kokkos::View<T **, Kokkos::LayoutRight, HS> xv("x", T_, d);
   for (int t = 0; t < T_; ++t)
     for (int i = 0; i < d; ++i) xv(t, i) = static_cast<T>(x[std::size_t(t) * d + i]);
@@ -528,6 +535,19 @@ void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool ve
                                 float(zw), &done, shp.data(), shn.data());
   });
   EXPECT_EQ(done, 0u) << "the last team resets the counter";
+  // Top-k against the kernel's own probabilities: each choice is the largest
+  // of those left, an exact tie going to the lower expert.
+  for (int t = 0; t < T_; ++t)
+    for (int j = 0; j < k; ++j) {
+      int const kj = I(t, j);
+      for (int e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int m = 0; m <= j; ++m) taken = taken || I(t, m) == e;
+        if (!taken) {
+          EXPECT_TRUE(P(t, e) < P(t, kj) || (P(t, e) == P(t, kj) && e > kj)) << "t=" << t << " j=" << j << " e=" << e;
+        }
+      }
+    }
   Vec p(std::size_t(T_) * E), lse(T_), gate(std::size_t(T_) * k);
   std::vector<double> psum(std::size_t(teams) * (Ep + 1), 0.0);
   std::vector<int> cnt(std::size_t(teams) * Ep, 0);
@@ -591,6 +611,8 @@ TEST(MoeLayer, RouterTensorCoreKernelEmulated) {
   check_router_mma_emulated<float, 8>(80, 16, 40, 2, false, false, 17);
   check_router_mma_emulated<bfloat16, 8>(65, 32, 64, 2, false, true, 18);
   check_router_mma_emulated<bfloat16, 1>(2100, 32, 8, 2, false, true, 19);  // 33 teams: more than a warp's lanes
+  check_router_mma_emulated<float, 2>(100, 32, 16, 3, true, true, 20, /*ties=*/true);
+  check_router_mma_emulated<bfloat16, 1>(100, 24, 6, 2, false, true, 21, /*ties=*/true);
 }
 
 TEST(MoeLayer, RouterWithoutTokens) {
