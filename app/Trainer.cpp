@@ -2,6 +2,7 @@
 #include "app/Trainer.hpp"
 
 #include "app/Collective.hpp"
+#include "app/MemoryCheck.hpp"
 
 #include "core/MemoryTracker.hpp"
 #include "core/model/AdamW.hpp"
@@ -104,26 +105,6 @@ Data load_data(Deck const &deck) {
   return data;
 }
 
-VisionMoeSpec spec_from(Deck const &deck) {
-  VisionMoeSpec s;
-  s.channels = deck.data.channels;
-  s.image_size = deck.data.image_size;
-  s.patch = deck.model.patch_size;
-  s.dim = deck.model.dim;
-  s.depth = deck.model.depth;
-  s.heads = deck.model.heads;
-  s.hidden = deck.derived.hidden;
-  s.classes = deck.data.classes;
-  s.moe_blocks = deck.derived.moe_blocks;
-  s.moe.experts = deck.moe.experts;
-  s.moe.top_k = deck.moe.top_k;
-  s.moe.activation = activation_from_string(deck.moe.activation);
-  s.moe.renormalize = deck.moe.renormalize;
-  s.moe.aux_loss_weight = deck.moe.aux_loss_weight;
-  s.moe.z_loss_weight = deck.moe.z_loss_weight;
-  s.moe.capacity_factor = deck.moe.capacity_factor;
-  return s;
-}
 
 using ImagesView = Kokkos::View<float ****, Kokkos::LayoutRight, Mem>;
 using LabelsView = Kokkos::View<int *, Mem>;
@@ -298,6 +279,27 @@ class ProgressBar {
 
 }  // namespace
 
+VisionMoeSpec spec_from(Deck const &deck) {
+  VisionMoeSpec s;
+  s.channels = deck.data.channels;
+  s.image_size = deck.data.image_size;
+  s.patch = deck.model.patch_size;
+  s.dim = deck.model.dim;
+  s.depth = deck.model.depth;
+  s.heads = deck.model.heads;
+  s.hidden = deck.derived.hidden;
+  s.classes = deck.data.classes;
+  s.moe_blocks = deck.derived.moe_blocks;
+  s.moe.experts = deck.moe.experts;
+  s.moe.top_k = deck.moe.top_k;
+  s.moe.activation = activation_from_string(deck.moe.activation);
+  s.moe.renormalize = deck.moe.renormalize;
+  s.moe.aux_loss_weight = deck.moe.aux_loss_weight;
+  s.moe.z_loss_weight = deck.moe.z_loss_weight;
+  s.moe.capacity_factor = deck.moe.capacity_factor;
+  return s;
+}
+
 void install_preemption_handlers() {
   std::signal(SIGTERM, on_preemption_signal);
   std::signal(SIGUSR1, on_preemption_signal);
@@ -336,6 +338,21 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   int const local_b = moe_parallel.plan().batch.at(std::size_t(rank));
   long const first_b = std::accumulate(moe_parallel.plan().batch.begin(), moe_parallel.plan().batch.begin() + rank, 0L);
   // ---- end MoE parallel modes
+
+  // A model or data set that cannot fit is refused here, before anything of
+  // its size is allocated or written (app/MemoryCheck.hpp).
+  collectively(comm, [&] {
+    std::vector<double> share;
+    for (int b : deck.derived.moe_blocks) {
+      parallel::LayerPlan const *l = moe_parallel.plan().for_block(b);
+      bool const sliced = deck.moe.dtype == MoeSection::Dtype::float32 && l != nullptr &&
+                          l->mode != parallel::MoeMode::local && l->slice.hidden > 0;
+      share.push_back(sliced ? double(l->slice.count(moe_parallel.group().rank())) / l->slice.hidden : 1.0);
+    }
+    auto const host = host_memory_available(comm);
+    check_memory(deck, memory_need(deck, share, local_b, nranks), device_memory_available(), host);
+    return 0;
+  });
 
   Data data = collectively(comm, [&] { return load_data(deck); });
   if (data.train.count < B)

@@ -9,6 +9,10 @@
 #include <string>
 #include <vector>
 
+namespace hexamoe {
+struct VisionMoeSpec;
+}
+
 namespace hexamoe::app {
 
 struct TrainOptions {
@@ -26,6 +30,9 @@ struct TrainSummary {
   bool preempted = false;      // stopped by SIGTERM/SIGUSR1 after writing a checkpoint
   std::vector<double> step_losses;  // total loss of every step this run took
 };
+
+// The model a deck describes.
+VisionMoeSpec spec_from(Deck const &deck);
 
 // Runs the training the deck describes on comm. Throws InputError for bad
 // input (deck, data, checkpoint), std::runtime_error for failures.

@@ -1,8 +1,12 @@
 // tstTrainer.cpp: the training application end to end on the quick deck:
 // the loss falls, a stopped-and-restarted run continues bit-identically, bad
-// checkpoints are refused, and the driver exits 2 on bad input.
+// checkpoints are refused, the driver exits 2 on bad input, and runs that
+// cannot fit in memory are refused before they allocate or write anything.
 #include "app/Commands.hpp"
+#include "app/MemoryCheck.hpp"
 #include "app/Trainer.hpp"
+#include "core/MemoryTracker.hpp"
+#include "core/model/VisionMoE.hpp"
 #include "io/Checkpoint.hpp"
 #include "io/Deck.hpp"
 #include "io/InputError.hpp"
@@ -23,6 +27,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace hexamoe;
+
+#define EXPECT_CONTAINS(text, part) EXPECT_NE(std::string(text).find(part), std::string::npos) << (text)
 
 std::string quick_deck() { return std::string(HEXAMOE_SOURCE_DIR) + "/inputs/quick.toml"; }
 
@@ -216,6 +222,146 @@ TEST(Trainer, DriverExitCodes) {
   EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "data.source=fashion-mnist", "--set",
                         "data.path=/nonexistent"}));
   EXPECT_EQ(2, run_cli({"hexamoe", "frobnicate"}));
+}
+
+// The parameter counts the memory check uses, against the parameters of the
+// model itself (replicated and expert elements, several shapes).
+TEST(Trainer, ParameterCountsMatchTheModel) {
+  using Space = Kokkos::DefaultExecutionSpace;
+  std::vector<std::vector<std::string>> const variants = {
+      {},
+      {"model.moe_every=1", "moe.experts=3", "moe.top_k=1"},
+      {"model.moe_every=0"},
+      {"data.source=\"synthetic\"", "data.channels=3", "data.image_size=12", "model.patch_size=3", "data.classes=5",
+       "model.mlp_ratio=1.5", "model.depth=3", "model.dim=24", "model.heads=3"}};
+  for (auto const &v : variants) {
+    Deck const deck = load_deck(quick_deck(), v);
+    VisionMoeSpec const spec = app::spec_from(deck);
+    VisionMoE<Space> model(Space(), spec);
+    double replicated = 0, expert = 0;
+    for (auto const &p : model.parameters()) (p.expert ? expert : replicated) += double(p.value.extent(0));
+    VisionMoeParameterCounts const c = parameter_counts(spec);
+    EXPECT_EQ(c.replicated, replicated) << spec.signature();
+    EXPECT_EQ(c.expert, expert) << spec.signature();
+  }
+}
+
+// The memory a run needs by the check's count is a lower bound of what a
+// run allocates in the model's memory space (Kokkos' allocation callbacks),
+// and not a vacuous one. One process (MPI_COMM_SELF) so that the whole batch
+// and the whole test set are its own.
+TEST(Trainer, MemoryNeedIsALowerBoundOfWhatARunAllocates) {
+  std::string const d = out_dir("memneed");
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0) {
+    using Mem = Kokkos::DefaultExecutionSpace::memory_space;
+    std::string const space = MemoryTracker::name_of<Mem>();
+    app::TrainOptions quiet;
+    quiet.quiet = true;
+    // Dense models bound tightly (every buffer of theirs is counted); the MoE
+    // layers' own buffers (and a GPU build's split-K workspaces) are not.
+    struct Variant {
+      std::vector<std::string> set;
+      bool tight;
+    };
+    std::vector<Variant> const variants = {
+        {{"train.eval_batch_size=32"}, false},
+        {{"model.moe_every=0", "train.eval_batch_size=16", "train.batch_size=64"}, true},
+        {{"model.moe_every=0", "train.eval_batch_size=500", "data.test_samples=300"}, true}};
+    for (auto const &v : variants) {
+      std::vector<std::string> o = {"train.max_steps=2", "checkpoint.every=0"};
+      o.insert(o.end(), v.set.begin(), v.set.end());
+      Deck const deck = deck_with(d, o);
+      app::MemoryNeed const need =
+          app::memory_need(deck, std::vector<double>(deck.derived.moe_blocks.size(), 1.0), deck.train.batch_size, 1);
+      MemoryTracker::install();
+      MemoryTracker::reset_peak();
+      double const before = double(MemoryTracker::current(space));
+      app::train(deck, quiet, MPI_COMM_SELF);
+      double const used = double(MemoryTracker::peak(space)) - before;
+      std::string const name = o.back();
+      EXPECT_LE(need.model_bytes(), used) << name;
+      if (v.tight) {
+        EXPECT_GE(need.model_bytes(), 0.8 * used) << name;
+      }
+      std::cout << "[ memory   ] " << name << ": need " << need.model_bytes() << " B, the run's peak " << used << " B\n";
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Runs too large for any machine are refused with the numbers and the key,
+// on every rank, before any output is written (the model's width, the
+// activations of huge images, a huge synthetic data set), by train() and by
+// the driver (exit 2).
+TEST(Trainer, RefusesRunsThatDoNotFitInMemory) {
+  std::string const d = out_dir("toolarge");
+  app::TrainOptions quiet;
+  quiet.quiet = true;
+  struct Case {
+    std::vector<std::string> set;
+    std::string key;
+  };
+  std::vector<Case> const cases = {
+      {{"model.dim=1048576"}, "model.dim"},
+      {{"data.source=\"synthetic\"", "data.image_size=224", "model.patch_size=1"}, "train.batch_size"},
+      {{"data.source=\"synthetic\"", "data.synthetic_train=2000000000"}, "data.synthetic_train"}};
+  for (auto const &c : cases) {
+    try {
+      app::train(deck_with(d, c.set), quiet, MPI_COMM_WORLD);
+      ADD_FAILURE() << c.set.front() << ": a run that cannot fit was started";
+    } catch (InputError const &e) {
+      EXPECT_CONTAINS(e.what(), "does not fit in memory");
+      EXPECT_CONTAINS(e.what(), c.key);
+    }
+  }
+  EXPECT_FALSE(fs::exists(d)) << "a refused run wrote output";
+  EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "run.output_dir=\"" + d + "\"", "--set",
+                        "model.dim=1048576"}));
+  EXPECT_FALSE(fs::exists(d)) << "a refused run wrote output";
+}
+
+// The cgroup headroom on made-up trees: v2 with an unlimited leaf under a
+// limited job (as Slurm's --mem sets it), page cache counted as free but not
+// shared memory, the tighter of two limits; v1's memory controller; none.
+TEST(Trainer, CgroupMemoryHeadroom) {
+  std::string const root = out_dir("cgroup");
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0) {
+    auto put = [&](std::string const &rel, std::string const &text) {
+      fs::create_directories(fs::path(root + rel).parent_path());
+      std::ofstream(root + rel) << text;
+    };
+    double const GiB = 1024.0 * 1024.0 * 1024.0;
+    put("/proc/self/cgroup", "0::/job_7/step_0/task_0\n");
+    put("/sys/fs/cgroup/job_7/step_0/task_0/memory.max", "max\n");
+    put("/sys/fs/cgroup/job_7/step_0/task_0/memory.current", "1073741824\n");
+    put("/sys/fs/cgroup/job_7/memory.max", "8589934592\n");
+    put("/sys/fs/cgroup/job_7/memory.current", "6442450944\n");
+    put("/sys/fs/cgroup/job_7/memory.stat", "anon 4294967296\nfile 2147483648\nshmem 1073741824\n");
+    auto h = app::cgroup_memory_headroom(root);
+    ASSERT_TRUE(h.has_value());
+    EXPECT_EQ(*h, 3 * GiB);  // 8 - 6 + (2 - 1)
+    put("/sys/fs/cgroup/memory.max", "4294967296\n");  // a tighter limit above
+    put("/sys/fs/cgroup/memory.current", "3221225472\n");
+    h = app::cgroup_memory_headroom(root);
+    ASSERT_TRUE(h.has_value());
+    EXPECT_EQ(*h, 1 * GiB);
+    put("/proc/self/cgroup", "12:cpuset:/\n9:memory,hugetlb:/slurm/uid_0/job_9\n");
+    put("/sys/fs/cgroup/memory/slurm/uid_0/job_9/memory.limit_in_bytes", "2147483648\n");
+    put("/sys/fs/cgroup/memory/slurm/uid_0/job_9/memory.usage_in_bytes", "1610612736\n");
+    put("/sys/fs/cgroup/memory/slurm/uid_0/job_9/memory.stat", "cache 100\ntotal_inactive_file 536870912\n");
+    put("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n");  // unlimited
+    h = app::cgroup_memory_headroom(root);
+    ASSERT_TRUE(h.has_value());
+    EXPECT_EQ(*h, 1 * GiB);  // 2 - 1.5 + 0.5
+    put("/proc/self/cgroup", "0::/\n");
+    fs::remove(root + "/sys/fs/cgroup/memory.max");
+    EXPECT_FALSE(app::cgroup_memory_headroom(root).has_value());
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
 }
 
 }  // namespace

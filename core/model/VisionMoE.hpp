@@ -41,6 +41,33 @@ struct VisionMoeSpec {
   }
 };
 
+// Parameter elements of the model a spec describes, without building it:
+// `expert` counts the MoE layers' W1, b1 and W2 (what the MoE parallel modes
+// slice over ranks), `replicated` everything else. Follows VisionMoE's
+// constructor and the modules' parameters(); a test compares it with them.
+struct VisionMoeParameterCounts {
+  double replicated = 0, expert = 0;
+};
+inline VisionMoeParameterCounts parameter_counts(VisionMoeSpec const &s) {
+  double const d = s.dim, H = s.hidden, E = s.moe.experts;
+  double const side = s.patch > 0 ? double(s.image_size / s.patch) : 0.0;
+  double const patch_dim = double(s.channels) * s.patch * s.patch;
+  VisionMoeParameterCounts c;
+  c.replicated = patch_dim * d + d + side * side * d;  // patch projection, bias, position embedding
+  for (int i = 0; i < s.depth; ++i) {
+    c.replicated += 2 * (2 * d);                        // two LayerNorms
+    c.replicated += (d * 3 * d + 3 * d) + (d * d + d);  // attention qkv and proj
+    if (std::find(s.moe_blocks.begin(), s.moe_blocks.end(), i) != s.moe_blocks.end()) {
+      c.replicated += d * E + E + E * d;  // router weight and bias, b2
+      c.expert += E * (2 * d + 1) * H;    // W1, b1, W2
+    } else {
+      c.replicated += (d * H + H) + (H * d + d);  // MLP fc1, fc2
+    }
+  }
+  c.replicated += 2 * d + (d * s.classes + s.classes);  // final LayerNorm, head
+  return c;
+}
+
 struct StepStats {
   double loss = 0;      // cross-entropy, mean over the batch
   double aux_loss = 0;  // sum over MoE layers
