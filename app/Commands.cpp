@@ -97,6 +97,9 @@ int run(int argc, char **argv) {
   train_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
   train_cmd->add_option("--restart", topt.restart, "Continue from a checkpoint: 'latest' or a path");
   train_cmd->add_flag("--quiet", topt.quiet, "No per-step lines");
+  train_cmd->add_flag("--overwrite", topt.overwrite,
+                      "Start afresh in a run.output_dir that holds an earlier run, removing its checkpoints, metrics, "
+                      "summary and activation dumps first (without it such a run is refused)");
   train_cmd->add_option("--stop-after", topt.stop_after,
                         "Act as if preempted after N steps of this run (checkpoint, exit 0); for testing restarts")
       ->check(CLI::NonNegativeNumber);

@@ -277,6 +277,19 @@ class ProgressBar {
   bool dirty_ = false;
 };
 
+// The results of an earlier run in the deck's output directory: its
+// checkpoint files, metrics, summary and activation dumps (what a fresh run
+// would overwrite or mix with its own).
+std::vector<std::string> earlier_run_files(Deck const &deck) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> found = checkpoint_files(deck.derived.checkpoint_dir);
+  std::error_code ec;
+  for (fs::path const &p : {fs::path(deck.run.output_dir) / "metrics.jsonl", fs::path(deck.run.output_dir) / "summary.json",
+                           fs::path(deck.derived.activations_path)})
+    if (fs::exists(p, ec)) found.push_back(p.string());
+  return found;
+}
+
 }  // namespace
 
 VisionMoeSpec spec_from(Deck const &deck) {
@@ -314,6 +327,26 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   collectively(comm, [&] {
     check_parallel(deck, nranks);
     return 0;
+  });
+  // A fresh run never overwrites an earlier run's results unless asked to
+  // (--overwrite); a continued run (--restart, checkpoint.resume) adds to them.
+  std::string const continue_from = topt.restart.empty() ? deck.checkpoint.resume : topt.restart;
+  std::vector<std::string> const replaced = collectively(comm, [&] {
+    if (topt.overwrite && !continue_from.empty())
+      throw InputError(topt.restart.empty() ? deck.where("checkpoint.resume") : std::string("--restart"),
+                       "--overwrite starts afresh, so it cannot continue from a checkpoint; give one of them.");
+    std::vector<std::string> found;
+    if (root && continue_from.empty()) found = earlier_run_files(deck);
+    if (!found.empty() && !topt.overwrite) {
+      std::string list;
+      for (std::size_t i = 0; i < found.size() && i < 4; ++i) list += (i ? ", " : "") + found[i];
+      if (found.size() > 4) list += " and " + std::to_string(found.size() - 4) + " more";
+      throw InputError(deck.where("run.output_dir"),
+                       "run.output_dir \"" + deck.run.output_dir + "\" holds an earlier run (" + list +
+                           "). Continue it with --restart latest, start afresh with --overwrite (which removes "
+                           "those files), or choose another run.output_dir.");
+    }
+    return found;
   });
   int const B = deck.train.batch_size;
   if (B < nranks)
@@ -392,10 +425,24 @@ TrainSummary train(Deck const &deck, TrainOptions const &topt, MPI_Comm comm) {
   if (deck.train.max_steps > 0) total = std::min<long>(total, deck.train.max_steps);
 
   namespace fs = std::filesystem;
-  if (root) {
-    fs::create_directories(deck.run.output_dir);
-    std::ofstream(fs::path(deck.run.output_dir) / "deck.resolved.toml") << resolved_toml(deck);
-  }
+  // The output directory, and (--overwrite) the earlier run's files out of it.
+  collectively(comm, [&] {
+    if (!root) return 0;
+    std::error_code ec;
+    fs::create_directories(deck.run.output_dir, ec);
+    if (ec)
+      throw InputError(deck.where("run.output_dir"),
+                       "cannot create the output directory \"" + deck.run.output_dir + "\": " + ec.message() + ".");
+    for (auto const &f : replaced)
+      if (!fs::remove(f, ec) && ec)
+        throw InputError(deck.where("run.output_dir"), "--overwrite cannot remove " + f + ": " + ec.message() + ".");
+    fs::path const resolved = fs::path(deck.run.output_dir) / "deck.resolved.toml";
+    std::ofstream out(resolved);
+    out << resolved_toml(deck);
+    out.close();
+    if (!out) throw InputError(deck.where("run.output_dir"), "cannot write " + resolved.string() + ".");
+    return 0;
+  });
 
   long step = 0;
   std::string restart = topt.restart.empty() ? deck.checkpoint.resume : topt.restart;

@@ -19,6 +19,7 @@ struct TrainOptions {
   std::string restart;   // "", "latest" or a checkpoint path
   bool quiet = false;    // no step lines on stdout (tests)
   long stop_after = 0;   // behave as if preempted after this many steps of this run (0 = never)
+  bool overwrite = false;  // start afresh where an earlier run's results are (they are removed first)
 };
 
 struct TrainSummary {

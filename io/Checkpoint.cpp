@@ -486,6 +486,18 @@ std::string find_latest_checkpoint(std::string const &dir) {
          })->path.string();
 }
 
+std::vector<std::string> checkpoint_files(std::string const &dir) {
+  std::vector<DirEntry> all, partial;
+  list_checkpoints(fs::path(dir), all, &partial);
+  all.insert(all.end(), partial.begin(), partial.end());
+  std::stable_sort(all.begin(), all.end(), [](auto const &a, auto const &b) { return a.step < b.step; });
+  std::vector<std::string> files;
+  for (auto const &e : all) files.push_back(e.path.string());
+  std::error_code ec;
+  if (fs::exists(fs::path(dir) / "latest", ec)) files.push_back((fs::path(dir) / "latest").string());
+  return files;
+}
+
 std::string write_checkpoint(MPI_Comm comm, std::string const &dir, std::int64_t step,
                              std::string const &model_signature, std::vector<TensorSlice> const &tensors,
                              Attributes const &attrs, int keep) {

@@ -107,6 +107,11 @@ std::string checkpoint_file_name(std::int64_t step);
 // .tmp files are never returned. Not collective (reads the directory).
 std::string find_latest_checkpoint(std::string const &dir);
 
+// The checkpoint files in dir: complete and interrupted ckpt-<step>.h5
+// (.tmp) files and `latest`, in step order, `latest` last; empty when there
+// are none or no such directory. Not collective.
+std::vector<std::string> checkpoint_files(std::string const &dir);
+
 // Writes dir/ckpt-<step>.h5 (see the file comment) and returns its path.
 // Every rank passes the same tensors (names, shapes, types, in the same
 // order) with its own blocks; the blocks of a tensor must cover it exactly

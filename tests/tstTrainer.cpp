@@ -259,6 +259,7 @@ TEST(Trainer, MemoryNeedIsALowerBoundOfWhatARunAllocates) {
     std::string const space = MemoryTracker::name_of<Mem>();
     app::TrainOptions quiet;
     quiet.quiet = true;
+    quiet.overwrite = true;  // the variants share one directory
     // Dense models bound tightly (every buffer of theirs is counted); the MoE
     // layers' own buffers (and a GPU build's split-K workspaces) are not.
     struct Variant {
@@ -278,7 +279,12 @@ TEST(Trainer, MemoryNeedIsALowerBoundOfWhatARunAllocates) {
       MemoryTracker::install();
       MemoryTracker::reset_peak();
       double const before = double(MemoryTracker::current(space));
-      app::train(deck, quiet, MPI_COMM_SELF);
+      try {  // (an exception must not skip the barrier below: the other ranks wait there)
+        app::train(deck, quiet, MPI_COMM_SELF);
+      } catch (std::exception const &e) {
+        ADD_FAILURE() << e.what();
+        continue;
+      }
       double const used = double(MemoryTracker::peak(space)) - before;
       std::string const name = o.back();
       EXPECT_LE(need.model_bytes(), used) << name;
@@ -362,6 +368,67 @@ TEST(Trainer, CgroupMemoryHeadroom) {
     EXPECT_FALSE(app::cgroup_memory_headroom(root).has_value());
   }
   MPI_Barrier(MPI_COMM_WORLD);
+}
+
+std::string file_text(std::string const &path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// A fresh run into a directory that holds an earlier run is refused and
+// leaves it as it was; --overwrite replaces it (no checkpoint of the earlier
+// run stays behind to mix with the new ones); --overwrite with --restart is
+// refused; an output directory that cannot be created is an input error.
+TEST(Trainer, KeepsAnEarlierRunUnlessToldToOverwrite) {
+  std::string const d = out_dir("rerun");
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  app::TrainOptions quiet;
+  quiet.quiet = true;
+  app::train(deck_with(d, {"train.max_steps=3"}), quiet, MPI_COMM_WORLD);
+  std::string const metrics = file_text(d + "/metrics.jsonl");
+  std::vector<std::string> const ckpts = checkpoint_files(d + "/checkpoints");
+  ASSERT_NE(metrics.find("\"step\": 3"), std::string::npos) << metrics;
+  ASSERT_EQ(ckpts.size(), 2u);  // ckpt-3.h5, latest
+  try {
+    app::train(deck_with(d, {"train.max_steps=2"}), quiet, MPI_COMM_WORLD);
+    ADD_FAILURE() << "a fresh run replaced an earlier one";
+  } catch (InputError const &e) {
+    EXPECT_CONTAINS(e.what(), "holds an earlier run");
+    EXPECT_CONTAINS(e.what(), "ckpt-3.h5");
+    EXPECT_CONTAINS(e.what(), "--overwrite");
+  }
+  EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "run.output_dir=\"" + d + "\"", "--set",
+                        "train.max_steps=2"}));
+  EXPECT_EQ(metrics, file_text(d + "/metrics.jsonl"));
+  EXPECT_EQ(ckpts, checkpoint_files(d + "/checkpoints"));
+  app::TrainOptions both = quiet;
+  both.overwrite = true;
+  both.restart = "latest";
+  EXPECT_THROW(app::train(deck_with(d, {"train.max_steps=4"}), both, MPI_COMM_WORLD), InputError);
+  EXPECT_EQ(ckpts, checkpoint_files(d + "/checkpoints"));
+
+  app::TrainOptions over = quiet;
+  over.overwrite = true;
+  auto const sum = app::train(deck_with(d, {"train.max_steps=2"}), over, MPI_COMM_WORLD);
+  EXPECT_EQ(sum.steps, 2);
+  std::vector<std::string> const now = checkpoint_files(d + "/checkpoints");
+  ASSERT_EQ(now.size(), 2u);
+  EXPECT_EQ(fs::path(now[0]).filename(), "ckpt-2.h5");
+  EXPECT_EQ(find_latest_checkpoint(d + "/checkpoints"), now[0]);
+  std::string const m2 = file_text(d + "/metrics.jsonl");
+  EXPECT_EQ(m2.find("\"step\": 3"), std::string::npos) << m2;
+
+  // An output directory below a regular file cannot be created.
+  if (rank == 0) std::ofstream(d + "/plain") << "x";
+  MPI_Barrier(MPI_COMM_WORLD);
+  try {
+    app::train(deck_with(d + "/plain/run"), quiet, MPI_COMM_WORLD);
+    ADD_FAILURE() << "a run started without an output directory";
+  } catch (InputError const &e) {
+    EXPECT_CONTAINS(e.what(), "cannot create the output directory");
+    EXPECT_CONTAINS(e.what(), "run.output_dir");
+  }
 }
 
 }  // namespace
