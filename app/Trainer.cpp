@@ -105,7 +105,6 @@ Data load_data(Deck const &deck) {
   return data;
 }
 
-
 using ImagesView = Kokkos::View<float ****, Kokkos::LayoutRight, Mem>;
 using LabelsView = Kokkos::View<int *, Mem>;
 
@@ -284,8 +283,8 @@ std::vector<std::string> earlier_run_files(Deck const &deck) {
   namespace fs = std::filesystem;
   std::vector<std::string> found = checkpoint_files(deck.derived.checkpoint_dir);
   std::error_code ec;
-  for (fs::path const &p : {fs::path(deck.run.output_dir) / "metrics.jsonl", fs::path(deck.run.output_dir) / "summary.json",
-                           fs::path(deck.derived.activations_path)})
+  fs::path const out(deck.run.output_dir);
+  for (fs::path const &p : {out / "metrics.jsonl", out / "summary.json", fs::path(deck.derived.activations_path)})
     if (fs::exists(p, ec)) found.push_back(p.string());
   return found;
 }
