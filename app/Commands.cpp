@@ -2,6 +2,7 @@
 #include "app/Commands.hpp"
 
 #include "app/Collective.hpp"
+#include "app/MemoryCheck.hpp"
 #include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
 #include "bench/StackBench.hpp"
@@ -132,7 +133,19 @@ int run(int argc, char **argv) {
         check_parallel(deck, n);
         return 0;
       });
-      if (world_rank() == 0) std::cout << resolved_toml(deck);
+      if (world_rank() == 0) {
+        // What train's memory check counts, for a job with this rank count
+        // and even shares (app/MemoryCheck.hpp).
+        bool const sliced = n > 1 && deck.moe.dtype == MoeSection::Dtype::float32;
+        MemoryNeed const need = memory_need(deck, std::vector<double>(deck.derived.moe_blocks.size(), sliced ? 1.0 / n : 1.0),
+                                            (deck.train.batch_size + n - 1) / n, n);
+        char params[32];
+        std::snprintf(params, sizeof params, "%.4g", need.parameters);
+        std::cout << resolved_toml(deck) << "#   memory per rank     = at least " << format_bytes(need.model_bytes())
+                  << "  # " << n << " rank(s): " << params << " parameters x 16 bytes, activation buffers for "
+                  << need.images << " training / " << need.eval_images << " evaluation images; images "
+                  << format_bytes(need.data_bytes) << " in host memory\n";
+      }
       return 0;
     }
     if (*train_cmd) {
