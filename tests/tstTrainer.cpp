@@ -216,7 +216,14 @@ int run_cli(std::vector<std::string> args) {
 }
 
 TEST(Trainer, DriverExitCodes) {
+  testing::internal::CaptureStdout();
   EXPECT_EQ(0, run_cli({"hexamoe", "check", quick_deck()}));
+  std::string const resolved = testing::internal::GetCapturedStdout();
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank == 0) {
+    EXPECT_CONTAINS(resolved, "memory per rank     = at least ");
+  }
   EXPECT_EQ(2, run_cli({"hexamoe", "check", quick_deck(), "--set", "moe.top_k=9"}));
   EXPECT_EQ(2, run_cli({"hexamoe", "check", "/nonexistent/deck.toml"}));
   EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "data.source=fashion-mnist", "--set",
