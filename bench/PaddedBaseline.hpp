@@ -37,12 +37,12 @@ class PaddedMoe {
     // Dispatch: slot (e, c) <- token of the c-th kept assignment of e; zeros pad.
     auto R = R_;
     auto buf = buf_;
-    Kokkos::parallel_for(
-        "hexamoe::padded_dispatch", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * C), KOKKOS_LAMBDA(int i) {
-          int const e = i / C, slot = i % C;
+    for_each_element(
+        space, "hexamoe::padded_dispatch", E * C, d, KOKKOS_LAMBDA(int es, int j) {
+          int const e = es / C, slot = es % C;
           bool const used = slot < R.counts(e);
           int const t = used ? R.sorted_flat(R.offsets(e) + slot) / k : 0;
-          for (int j = 0; j < d; ++j) buf(e, slot, j) = used ? x(t, j) : 0.0f;
+          buf(e, slot, j) = used ? x(t, j) : 0.0f;
         });
     auto b1 = L_.b1, b2 = L_.b2;
     auto z = z_, h = h_, o = o_;
@@ -51,9 +51,9 @@ class PaddedMoe {
       auto w1 = Kokkos::subview(L_.w1, e, Kokkos::ALL, Kokkos::ALL);
       nn::dense_gemm(space, Kokkos::subview(buf_, e, Kokkos::ALL, Kokkos::ALL), w1, Kokkos::subview(z_, e, Kokkos::ALL, Kokkos::ALL));
     }
-    Kokkos::parallel_for(
-        "hexamoe::padded_act", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * C * H), KOKKOS_LAMBDA(int i) {
-          int const e = i / (C * H), s = (i / H) % C, n = i % H;
+    for_each_element(
+        space, "hexamoe::padded_act", E * C, H, KOKKOS_LAMBDA(int es, int n) {
+          int const e = es / C, s = es % C;
           float const v = z(e, s, n) + b1(e, n);
           z(e, s, n) = v;
           h(e, s, n) = activate(act, v);
@@ -64,9 +64,8 @@ class PaddedMoe {
     }
     auto gate = L_.router.gate;
     auto pos = R.position;
-    Kokkos::parallel_for(
-        "hexamoe::padded_combine", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
-          int const t = i / d, j = i % d;
+    for_each_element(
+        space, "hexamoe::padded_combine", T_, d, KOKKOS_LAMBDA(int t, int j) {
           float s = 0;
           for (int m = 0; m < k; ++m) {
             int const p = pos(t * k + m);
@@ -94,12 +93,12 @@ class PaddedMoe {
     auto dbuf = dbuf_, dz = dz_, z = z_;
     // dO in the padded layout (reuses o_): g * dy[t], zeros in padding.
     auto dO = o_;
-    Kokkos::parallel_for(
-        "hexamoe::padded_dispatch_grad", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * C), KOKKOS_LAMBDA(int i) {
-          int const e = i / C, slot = i % C;
+    for_each_element(
+        space, "hexamoe::padded_dispatch_grad", E * C, d, KOKKOS_LAMBDA(int es, int j) {
+          int const e = es / C, slot = es % C;
           bool const used = slot < R.counts(e);
           int const f = used ? R.sorted_flat(R.offsets(e) + slot) : 0;
-          for (int j = 0; j < d; ++j) dO(e, slot, j) = used ? gate(f) * dy(f / k, j) : 0.0f;
+          dO(e, slot, j) = used ? gate(f) * dy(f / k, j) : 0.0f;
         });
     for (int e = 0; e < E; ++e) {
       auto sub = [e](auto v) { return Kokkos::subview(v, e, Kokkos::ALL, Kokkos::ALL); };
@@ -107,9 +106,9 @@ class PaddedMoe {
       nn::dense_gemm(space, sub(dO), sub(L_.w2), sub(dz_), 1.0f, 0.0f, false, true);      // dh = dO W2^T
     }
     Activation const act = c.activation;
-    Kokkos::parallel_for(
-        "hexamoe::padded_act_grad", Kokkos::RangePolicy<ExecutionSpace>(space, 0, E * C * H), KOKKOS_LAMBDA(int i) {
-          int const e = i / (C * H), s = (i / H) % C, n = i % H;
+    for_each_element(
+        space, "hexamoe::padded_act_grad", E * C, H, KOKKOS_LAMBDA(int es, int n) {
+          int const e = es / C, s = es % C;
           dz(e, s, n) *= activate_grad(act, z(e, s, n));
         });
     for (int e = 0; e < E; ++e) {
@@ -118,9 +117,8 @@ class PaddedMoe {
       nn::dense_gemm(space, sub(dz_), sub(L_.w1), sub(dbuf_), 1.0f, 0.0f, false, true);      // dbuf = dz W1^T
     }
     auto pos = R.position;
-    Kokkos::parallel_for(
-        "hexamoe::padded_scatter_grad", Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d), KOKKOS_LAMBDA(int i) {
-          int const t = i / d, j = i % d;
+    for_each_element(
+        space, "hexamoe::padded_scatter_grad", T_, d, KOKKOS_LAMBDA(int t, int j) {
           float s = 0;
           for (int m = 0; m < k; ++m) {
             int const p = pos(t * k + m);

@@ -41,9 +41,7 @@ void add(Space const &space, Matrix<float, Mem> c, Matrix<float const, Mem> a, M
   std::size_t const n = c.span();
   float *pc = c.data();
   float const *pa = a.data(), *pb = b.data();
-  Kokkos::parallel_for(
-      "hexamoe::stack_bench.residual", Kokkos::RangePolicy<Space>(space, 0, n),
-      KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
+  for_each_index(space, "hexamoe::stack_bench.residual", n, KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
 }
 
 // The GPU this rank runs on (-1 on host backends).

@@ -19,6 +19,7 @@
 
 #include "Esmm.hpp"
 #include "Estmm.hpp"
+#include "ForEachElement.hpp"
 #include "Parameter.hpp"
 #include "Router.hpp"
 #include "RoutingIndex.hpp"
@@ -147,15 +148,16 @@ class MoeLayer {
                       Kokkos::View<int const **, Kokkos::LayoutRight, memory_space> idx,
                       Kokkos::View<Acc const *, memory_space> gate, Matrix<T, memory_space> y) {
     compat::ScopedRegion region("hexamoe::MoeLayer::forward_routed");
+    int const S = routed_rows("MoeLayer", x.extent(0), cfg_.top_k);
     int const T_ = static_cast<int>(x.extent(0)), d = cfg_.dim, H = cfg_.local_hidden(), k = cfg_.top_k;
     check_tokens("x", x, T_);
     check_tokens("y", y, T_);
-    if (static_cast<int>(idx.extent(0)) != T_ || static_cast<int>(idx.extent(1)) != k || static_cast<int>(gate.extent(0)) != T_ * k)
+    if (idx.extent(0) != x.extent(0) || static_cast<int>(idx.extent(1)) != k || gate.extent(0) != std::size_t(S))
       throw std::invalid_argument("MoeLayer: routing is [" + std::to_string(idx.extent(0)) + ", " + std::to_string(idx.extent(1)) +
                                   "] with " + std::to_string(gate.extent(0)) + " gates, expected [" + std::to_string(T_) + ", " +
                                   std::to_string(k) + "] and T*k gates");
     route(space, idx);
-    ensure(space, T_ * k, H, d);
+    ensure(space, S, H, d);
     x_ = x;
     gate_ = gate;
     forward_done_ = true;
@@ -257,9 +259,8 @@ class MoeLayer {
     int const T_ = static_cast<int>(out.extent(0)), d = cfg_.dim, k = cfg_.top_k;
     auto pos = index_.position;
     bool const gated = gate.data() != nullptr;
-    Kokkos::parallel_for(
-        "hexamoe::combine", compat::light(Kokkos::RangePolicy<ExecutionSpace>(space, 0, T_ * d)), KOKKOS_LAMBDA(int i) {
-          int const t = i / d, c = i % d;
+    for_each_element(
+        space, "hexamoe::combine", T_, d, KOKKOS_LAMBDA(int t, int c) {
           Acc s = 0;
           for (int j = 0; j < k; ++j) {
             int const p = pos(t * k + j);
@@ -273,12 +274,12 @@ class MoeLayer {
   // forward (keep = true) and infer (keep = false).
   void forward_impl(ExecutionSpace const &space, Matrix<T const, memory_space> x, Matrix<T, memory_space> y,
                     bool keep) {
-    int const T_ = static_cast<int>(x.extent(0)), d = cfg_.dim, H = cfg_.local_hidden(), k = cfg_.top_k;
+    int const S = routed_rows("MoeLayer", x.extent(0), cfg_.top_k);
+    int const T_ = static_cast<int>(x.extent(0)), d = cfg_.dim, H = cfg_.local_hidden();
     check_tokens("x", x, T_);
     check_tokens("y", y, T_);
     router.forward(space, x);
     route(space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space>(router.idx));
-    int const S = T_ * k;
     ensure(space, S, H, d);
     x_ = x;
     forward_done_ = keep;

@@ -26,6 +26,7 @@
 #include "Compat.hpp"
 #include "Parameter.hpp"
 #include "RouterMma.hpp"
+#include "RoutingIndex.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -253,6 +254,7 @@ class Router {
 
   void forward(ExecutionSpace const &space, Matrix<T const, memory_space> x) {
     compat::ScopedRegion region("hexamoe::Router::forward");
+    (void)routed_rows("Router", x.extent(0), opt_.top_k);
     int const T_ = static_cast<int>(x.extent(0)), d = dim_, E = experts_, k = opt_.top_k;
     if (static_cast<int>(x.extent(1)) != d)
       throw std::invalid_argument("Router: x has " + std::to_string(x.extent(1)) + " columns, the router dimension is " +

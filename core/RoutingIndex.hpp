@@ -14,6 +14,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <climits>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
@@ -45,6 +46,19 @@ struct RoutingIndex {
     return std::vector<int>(h.data(), h.data() + h.extent(0));
   }
 };
+
+// The routed rows T * top_k of a batch of `tokens` tokens. The routing index
+// and the expert operators number routed rows (and tokens) with int, so a
+// batch beyond 2^31 - 1 of them is refused with std::length_error, where it
+// would otherwise wrap into wrong results.
+inline int routed_rows(std::string const &who, std::size_t tokens, int top_k) {
+  std::size_t const rows = tokens * static_cast<std::size_t>(top_k < 1 ? 1 : top_k);
+  if (tokens > std::size_t(INT_MAX) || rows > std::size_t(INT_MAX))
+    throw std::length_error(who + ": " + std::to_string(tokens) + " tokens x top_k " + std::to_string(top_k) + " = " +
+                            std::to_string(rows) + " routed rows, more than the " + std::to_string(INT_MAX) +
+                            " one call can index (32-bit row numbers); split the batch");
+  return static_cast<int>(rows);
+}
 
 namespace detail {
 inline int routing_chunk_size() { return 256; }
@@ -83,8 +97,9 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
     throw std::invalid_argument("build_routing_index: number of experts must be >= 1, got " +
                                 std::to_string(num_experts));
   }
-  int const T = static_cast<int>(idx.extent(0));
   int const k = static_cast<int>(idx.extent(1));
+  int const S = routed_rows("build_routing_index", idx.extent(0), k);
+  int const T = static_cast<int>(idx.extent(0));
   int const E = num_experts;
   if (k < 1 || k > E) {
     throw std::invalid_argument("build_routing_index: top_k must be in [1, num_experts=" + std::to_string(E) +
@@ -97,7 +112,6 @@ RoutingIndex<MemorySpace> build_routing_index(ExecutionSpace const &space,
   R.num_tokens = T;
   R.top_k = k;
   R.num_experts = E;
-  int const S = T * k;
   R.capacity = capacity_factor > 0.0
                    ? static_cast<int>(std::ceil(capacity_factor * static_cast<double>(S) / static_cast<double>(E)))
                    : 0;

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include <climits>
+#include <cstdint>
 #include <cstring>
 
 namespace {
@@ -656,6 +658,44 @@ TEST(MoeLayer, RejectsBadArguments) {
   V2<float> x("x", 10, 7), y("y", 10, 8), dx("dx", 10, 8);
   expect_msg([&] { L.forward(Space(), x, y); }, "x is [10, 7], expected [10, 8]");
   expect_msg([&] { L.backward(Space(), y, dx); }, "before forward");
+
+  // More routed rows than int numbers: refused before anything is read (the
+  // unmanaged views stand over a small buffer).
+  auto c2 = cfg;
+  c2.top_k = 2;
+  MoeLayer<float, Space> L2(c2);
+  Kokkos::View<float *, Mem> buf("buf", 64);
+  using Big = Kokkos::View<float **, Kokkos::LayoutRight, Mem, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  Big const xb(buf.data(), std::size_t(1) << 30, 8), yb(buf.data(), std::size_t(1) << 30, 8);
+  expect_msg([&] { L2.forward(Space(), xb, yb); }, "1073741824 tokens x top_k 2 = 2147483648 routed rows");
+  expect_msg([&] { L2.infer(Space(), xb, yb); }, "routed rows, more than the 2147483647");
+  Kokkos::View<int **, Kokkos::LayoutRight, Mem> idx("idx", 4, 2);
+  expect_msg([&] { L2.forward_routed(Space(), xb, idx, Kokkos::View<float *, Mem>("g", 8), yb); }, "routed rows");
+  expect_msg([&] { L2.router.forward(Space(), xb); }, "Router: 1073741824 tokens");
+}
+
+TEST(MoeLayer, ElementLoopsBeyond32BitIndex) {
+  // The device branch of the elementwise loops (the combine, the dense
+  // modules) over 65537 x 32769 elements, 131106 more than INT_MAX: every row
+  // reaches its last column and every column its last row, exactly once.
+  int const rows = 65537, cols = 32769;
+  ASSERT_GT(std::int64_t(rows) * cols, std::int64_t(INT_MAX));
+  Kokkos::View<int *, Mem> row_end("row_end", rows), col_end("col_end", cols), diag("diag", 1);
+  for_each_element_flat(
+      Space(), "test::for_each_element_flat", rows, cols, KOKKOS_LAMBDA(int r, int c) {
+        if (c == cols - 1) row_end(r) += 1;
+        if (r == rows - 1) col_end(c) += 1;
+        if (r == rows - 1 && c == cols - 1) diag(0) += 1;
+      });
+  auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), row_end);
+  auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), col_end);
+  auto hd = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), diag);
+  int bad_rows = 0, bad_cols = 0;
+  for (int r = 0; r < rows; ++r) bad_rows += hr(r) != 1;
+  for (int c = 0; c < cols; ++c) bad_cols += hc(c) != 1;
+  EXPECT_EQ(bad_rows, 0);
+  EXPECT_EQ(bad_cols, 0);
+  EXPECT_EQ(hd(0), 1);
 }
 
 }  // namespace

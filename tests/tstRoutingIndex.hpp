@@ -78,6 +78,27 @@ TEST(RoutingIndex, RejectsBadArguments) {
   EXPECT_THROW(build_routing_index(Space(), v0, 4), std::invalid_argument);  // k < 1
 }
 
+TEST(RoutingIndex, RefusesMoreRoutedRowsThan32BitsNumber) {
+  // 2^30 tokens x top-2 = 2^31 routed rows: one past what int numbers. The
+  // ids are never read (an unmanaged view over a small buffer stands for them).
+  Kokkos::View<int *, Mem> buf("buf", 8);
+  using Unmanaged = Kokkos::View<int const **, Kokkos::LayoutRight, Mem, Kokkos::MemoryTraits<Kokkos::Unmanaged>>;
+  auto Ids = [&](std::size_t T, std::size_t k) {
+    return Kokkos::View<int const **, Kokkos::LayoutRight, Mem>(Unmanaged(buf.data(), T, k));
+  };
+  try {
+    build_routing_index(Space(), Ids(std::size_t(1) << 30, 2), 8);
+    FAIL() << "2^31 routed rows accepted";
+  } catch (std::length_error const &e) {
+    EXPECT_NE(std::string(e.what()).find("1073741824 tokens x top_k 2 = 2147483648 routed rows"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(build_routing_index(Space(), Ids(std::size_t(1) << 31, 1), 8), std::length_error);
+  EXPECT_EQ(routed_rows("t", (std::size_t(1) << 30) - 1, 2), 2147483646);
+  EXPECT_EQ(routed_rows("t", 2147483647, 1), 2147483647);
+  EXPECT_THROW(routed_rows("t", std::size_t(1) << 40, 4096), std::length_error);
+}
+
 TEST(RoutingIndex, Deterministic) {
   std::mt19937 rng(11);
   auto ids = test::random_routing(5000, 2, 16, rng, true);

@@ -121,14 +121,11 @@ class LocalMoeFfnBf16 final : public MoeFfn<ExecutionSpace> {
   std::vector<int> expert_counts() const override { return layer_.routing_index().counts_host(); }
 
   static void to_bf16(ExecutionSpace const &space, float const *src, bfloat16 *dst, std::size_t n) {
-    Kokkos::parallel_for(
-        "hexamoe::to_bf16", Kokkos::RangePolicy<ExecutionSpace>(space, 0, n),
-        KOKKOS_LAMBDA(std::size_t i) { dst[i] = bfloat16(src[i]); });
+    for_each_index(space, "hexamoe::to_bf16", n, KOKKOS_LAMBDA(std::size_t i) { dst[i] = bfloat16(src[i]); });
   }
   static void to_float(ExecutionSpace const &space, bfloat16 const *src, float *dst, std::size_t n) {
-    Kokkos::parallel_for(
-        "hexamoe::to_float", Kokkos::RangePolicy<ExecutionSpace>(space, 0, n),
-        KOKKOS_LAMBDA(std::size_t i) { dst[i] = static_cast<float>(src[i]); });
+    for_each_index(space, "hexamoe::to_float", n,
+                   KOKKOS_LAMBDA(std::size_t i) { dst[i] = static_cast<float>(src[i]); });
   }
 
  private:

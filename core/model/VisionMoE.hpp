@@ -237,9 +237,7 @@ class VisionMoE {
     auto pa = a.data();
     auto pb = b.data();
     auto pc = c.data();
-    Kokkos::parallel_for(
-        "hexamoe::model::residual", Kokkos::RangePolicy<ExecutionSpace>(space, 0, n),
-        KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
+    for_each_index(space, "hexamoe::model::residual", n, KOKKOS_LAMBDA(std::size_t i) { pc[i] = pa[i] + pb[i]; });
   }
 
  private:

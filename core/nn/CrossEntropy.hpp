@@ -94,10 +94,10 @@ class CrossEntropy {
     Scalar const f = static_cast<Scalar>(scale / static_cast<double>(B > 0 ? B : 1));
     auto probs = probs_;
     auto labels = labels_;
-    detail::for_each_element(space, "hexamoe::nn::CrossEntropy::backward", int(B), int(C),
-                             KOKKOS_LAMBDA(int r, int c) {
-                               dlogits(r, c) = (probs(r, c) - (labels(r) == c ? Scalar(1) : Scalar(0))) * f;
-                             });
+    for_each_element(space, "hexamoe::nn::CrossEntropy::backward", int(B), int(C),
+                     KOKKOS_LAMBDA(int r, int c) {
+                       dlogits(r, c) = (probs(r, c) - (labels(r) == c ? Scalar(1) : Scalar(0))) * f;
+                     });
   }
 
   Matrix<Scalar const, memory_space> probabilities() const { return probs_; }

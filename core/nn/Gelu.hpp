@@ -37,8 +37,8 @@ class Gelu {
 
   static void apply(ExecutionSpace const &space, const_matrix x, matrix y) {
     detail::require_extents(y, {x.extent(0), x.extent(1)}, "Gelu::apply", "y");
-    detail::for_each_element(space, "hexamoe::nn::Gelu::forward", int(x.extent(0)), int(x.extent(1)),
-                             KOKKOS_LAMBDA(int r, int c) { y(r, c) = gelu<detail::on_host<ExecutionSpace>>(x(r, c)); });
+    for_each_element(space, "hexamoe::nn::Gelu::forward", int(x.extent(0)), int(x.extent(1)),
+                     KOKKOS_LAMBDA(int r, int c) { y(r, c) = gelu<detail::on_host<ExecutionSpace>>(x(r, c)); });
   }
 
   void backward(ExecutionSpace const &space, const_matrix dy, matrix dx) const {
@@ -47,7 +47,7 @@ class Gelu {
     detail::require_extents(dy, {x_.extent(0), x_.extent(1)}, "Gelu::backward", "dy");
     detail::require_extents(dx, {x_.extent(0), x_.extent(1)}, "Gelu::backward", "dx");
     const_matrix x = x_;
-    detail::for_each_element(
+    for_each_element(
         space, "hexamoe::nn::Gelu::backward", int(x.extent(0)), int(x.extent(1)),
         KOKKOS_LAMBDA(int r, int c) { dx(r, c) = dy(r, c) * gelu_grad<detail::on_host<ExecutionSpace>>(x(r, c)); });
   }

@@ -35,7 +35,7 @@ class MeanPool {
     int const L = tokens_;
     Scalar const inv = Scalar(1) / Scalar(L);
     // Each output summed over its image's tokens in order.
-    detail::for_each_element(space, "hexamoe::nn::MeanPool::forward", int(B), int(D), KOKKOS_LAMBDA(int b, int c) {
+    for_each_element(space, "hexamoe::nn::MeanPool::forward", int(B), int(D), KOKKOS_LAMBDA(int b, int c) {
       Scalar s = 0;
       for (int l = 0; l < L; ++l) s += x(b * L + l, c);
       y(b, c) = s * inv;
@@ -51,8 +51,8 @@ class MeanPool {
     detail::require_extents(dx, {std::size_t(batch_) * tokens_, D}, "MeanPool::backward", "dx");
     int const L = tokens_;
     Scalar const inv = Scalar(1) / Scalar(L);
-    detail::for_each_element(space, "hexamoe::nn::MeanPool::backward", batch_ * L, int(D),
-                             KOKKOS_LAMBDA(int r, int c) { dx(r, c) = dy(r / L, c) * inv; });
+    for_each_element(space, "hexamoe::nn::MeanPool::backward", batch_ * L, int(D),
+                     KOKKOS_LAMBDA(int r, int c) { dx(r, c) = dy(r / L, c) * inv; });
   }
 
   int tokens_per_image() const { return tokens_; }

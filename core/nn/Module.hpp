@@ -5,6 +5,7 @@
 #pragma once
 
 #include "core/Compat.hpp"
+#include "core/ForEachElement.hpp"
 #include "core/Parameter.hpp"
 
 #include <Kokkos_Core.hpp>
@@ -130,22 +131,6 @@ void column_sum(ExecutionSpace const &space, AView const &a, OutView const &out,
           for (int c = 0; c < nc; ++c) acc[c] += a(r, c0 + c);
         for (int c = 0; c < nc; ++c) out(c0 + c) = acc[c];
       });
-}
-
-// f(r, c) for every element of a rows x cols matrix: a row per iteration on
-// the host (the column loop vectorises), an element per thread on devices.
-template <class ExecutionSpace, class F>
-void for_each_element(ExecutionSpace const &space, std::string const &label, int rows, int cols, F const &f) {
-  if constexpr (on_host<ExecutionSpace>) {
-    Kokkos::parallel_for(
-        label, Kokkos::RangePolicy<ExecutionSpace>(space, 0, rows), KOKKOS_LAMBDA(int r) {
-          for (int c = 0; c < cols; ++c) f(r, c);
-        });
-  } else {
-    Kokkos::parallel_for(
-        label, Kokkos::RangePolicy<ExecutionSpace>(space, 0, rows * cols),
-        KOKKOS_LAMBDA(int i) { f(i / cols, i % cols); });
-  }
 }
 
 // y(r, :) = v for every row r.

@@ -83,16 +83,16 @@ class PatchEmbed {
     int const L = tokens_, p = patch_, wp = width_ / patch_;
     auto patches = patches_;
     // im2col: patches(b*L + l, (c*p + i)*p + j) = images(b, c, ph*p + i, pw*p + j).
-    detail::for_each_element(space, "hexamoe::nn::PatchEmbed::im2col", batch_ * L, patch_dim(),
-                             KOKKOS_LAMBDA(int r, int k) {
-                               int const b = r / L, l = r % L, ph = l / wp, pw = l % wp;
-                               int const c = k / (p * p), i = (k / p) % p, j = k % p;
-                               patches(r, k) = images(b, c, ph * p + i, pw * p + j);
-                             });
+    for_each_element(space, "hexamoe::nn::PatchEmbed::im2col", batch_ * L, patch_dim(),
+                     KOKKOS_LAMBDA(int r, int k) {
+                       int const b = r / L, l = r % L, ph = l / wp, pw = l % wp;
+                       int const c = k / (p * p), i = (k / p) % p, j = k % p;
+                       patches(r, k) = images(b, c, ph * p + i, pw * p + j);
+                     });
     auto bias_v = bias;
     auto pos = pos_embed;
-    detail::for_each_element(space, "hexamoe::nn::PatchEmbed::bias_pos", batch_ * L, dim_,
-                             KOKKOS_LAMBDA(int r, int d) { tokens(r, d) = bias_v(d) + pos(r % L, d); });
+    for_each_element(space, "hexamoe::nn::PatchEmbed::bias_pos", batch_ * L, dim_,
+                     KOKKOS_LAMBDA(int r, int d) { tokens(r, d) = bias_v(d) + pos(r % L, d); });
     dense_gemm(space, const_matrix(patches_), const_matrix(weight), tokens, Scalar(1), Scalar(1));
     forwarded_ = true;
   }
@@ -112,7 +112,7 @@ class PatchEmbed {
     int const L = tokens_, nb = batch_;
     auto dpos = pos_embed_grad;
     // dpos(l, d) = sum_b dtokens(b*L + l, d), in image order.
-    detail::for_each_element(space, "hexamoe::nn::PatchEmbed::pos_grad", L, dim_, KOKKOS_LAMBDA(int l, int d) {
+    for_each_element(space, "hexamoe::nn::PatchEmbed::pos_grad", L, dim_, KOKKOS_LAMBDA(int l, int d) {
       Scalar s = 0;
       for (int b = 0; b < nb; ++b) s += dtokens(b * L + l, d);
       dpos(l, d) = s;
@@ -123,13 +123,13 @@ class PatchEmbed {
     // col2im: every pixel belongs to exactly one patch (non-overlapping).
     auto dpatches = dpatches_;
     int const p = patch_, wp = width_ / patch_, H = height_, W = width_, C = channels_;
-    detail::for_each_element(space, "hexamoe::nn::PatchEmbed::col2im", nb * channels_ * H, W,
-                             KOKKOS_LAMBDA(int bcy, int x) {
-                               int const y = bcy % H, bc = bcy / H;
-                               int const c = bc % C, b = bc / C;
-                               int const l = (y / p) * wp + x / p;
-                               dimages(b, c, y, x) = dpatches(b * L + l, (c * p + y % p) * p + x % p);
-                             });
+    for_each_element(space, "hexamoe::nn::PatchEmbed::col2im", nb * channels_ * H, W,
+                     KOKKOS_LAMBDA(int bcy, int x) {
+                       int const y = bcy % H, bc = bcy / H;
+                       int const c = bc % C, b = bc / C;
+                       int const l = (y / p) * wp + x / p;
+                       dimages(b, c, y, x) = dpatches(b * L + l, (c * p + y % p) * p + x % p);
+                     });
   }
 
   const_matrix saved_patches() const { return patches_; }
