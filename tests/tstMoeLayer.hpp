@@ -674,6 +674,18 @@ TEST(MoeLayer, RejectsBadArguments) {
   expect_msg([&] { L2.router.forward(Space(), xb); }, "Router: 1073741824 tokens");
 }
 
+// Marks, through the device branch of the elementwise loops, the last column
+// of every row, the last row of every column and the last element.
+void mark_ends(int rows, int cols, Kokkos::View<int *, Mem> row_end, Kokkos::View<int *, Mem> col_end,
+               Kokkos::View<int *, Mem> last) {
+  for_each_element_flat(
+      Space(), "test::for_each_element_flat", rows, cols, KOKKOS_LAMBDA(int r, int c) {
+        if (c == cols - 1) row_end(r) += 1;
+        if (r == rows - 1) col_end(c) += 1;
+        if (r == rows - 1 && c == cols - 1) last(0) += 1;
+      });
+}
+
 TEST(MoeLayer, ElementLoopsBeyond32BitIndex) {
   // The device branch of the elementwise loops (the combine, the dense
   // modules) over 65537 x 32769 elements, 131106 more than INT_MAX: every row
@@ -681,12 +693,7 @@ TEST(MoeLayer, ElementLoopsBeyond32BitIndex) {
   int const rows = 65537, cols = 32769;
   ASSERT_GT(std::int64_t(rows) * cols, std::int64_t(INT_MAX));
   Kokkos::View<int *, Mem> row_end("row_end", rows), col_end("col_end", cols), diag("diag", 1);
-  for_each_element_flat(
-      Space(), "test::for_each_element_flat", rows, cols, KOKKOS_LAMBDA(int r, int c) {
-        if (c == cols - 1) row_end(r) += 1;
-        if (r == rows - 1) col_end(c) += 1;
-        if (r == rows - 1 && c == cols - 1) diag(0) += 1;
-      });
+  mark_ends(rows, cols, row_end, col_end, diag);
   auto hr = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), row_end);
   auto hc = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), col_end);
   auto hd = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), diag);
