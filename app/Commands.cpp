@@ -15,6 +15,8 @@
 #include <Kokkos_Core.hpp>
 #include <mpi.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
 
@@ -30,6 +32,22 @@ int world_rank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
+}
+
+// A numeric option's check with a plain message: CLI11's range checks print
+// DBL_MAX as their upper bound and let "nan" through.
+CLI::Validator at_least(double lo, bool strict) {
+  std::ostringstream bound;
+  bound << (strict ? "> " : ">= ") << lo;
+  return CLI::Validator(
+      [lo, strict, b = bound.str()](std::string &s) -> std::string {
+        char *end = nullptr;
+        double const v = std::strtod(s.c_str(), &end);
+        bool const number = !s.empty() && end == s.c_str() + s.size() && std::isfinite(v);
+        if (number && (strict ? v > lo : v >= lo)) return std::string();
+        return "must be a finite number " + b + ", got '" + s + "'";
+      },
+      strict ? "POSITIVE" : "NONNEGATIVE");
 }
 
 std::string version_string() {
@@ -67,28 +85,34 @@ int run(int argc, char **argv) {
 
   bench::BenchOptions bopt;
   auto *bench_cmd = cli.add_subcommand("bench", "Time the MoE layer (forward, forward+backward) on the Swin-MoE shapes");
-  bench_cmd
+  auto *only_opt = bench_cmd
       ->add_option("--only", bopt.only,
                    "Shape names, space- or comma-separated (swinS-s3-top1, swinS-s3-top2, swinS-s4-top1, swinB-s3-top1, "
                    "swinB-s4-top1, e64-top2-skew)")
       ->delimiter(',');
-  bench_cmd->add_option("--token-scale", bopt.token_scale, "Multiply every shape's token count")->check(CLI::PositiveNumber);
-  bench_cmd->add_option("--reps", bopt.reps, "Timed runs per measurement (median reported)")->check(CLI::PositiveNumber);
-  bench_cmd->add_option("--warmup", bopt.warmup, "Untimed warm-up runs")->check(CLI::NonNegativeNumber);
-  bench_cmd->add_option("--dtype", bopt.dtypes, "Storage types: float32, bfloat16")->delimiter(',')
-      ->check(CLI::IsMember({"float32", "bfloat16"}));
-  bench_cmd->add_flag("!--no-baseline", bopt.baseline, "Skip the padded GEMM baseline");
-  bench_cmd->add_flag("!--no-reference", bopt.reference,
-                      "Skip the float64 check of sampled output rows (max |y - y64| / max |y64|)");
-  bench_cmd->add_option("--capacity-factor", bopt.capacity_factor, "Capacity factor of the padded baseline")
-      ->check(CLI::PositiveNumber);
+  auto *scale_opt = bench_cmd->add_option("--token-scale", bopt.token_scale, "Multiply every shape's token count")
+                        ->check(at_least(0, true));
+  bench_cmd->add_option("--reps", bopt.reps, "Timed runs per measurement (median reported)")->check(at_least(0, true));
+  bench_cmd->add_option("--warmup", bopt.warmup, "Untimed warm-up runs")->check(at_least(0, false));
+  auto *dtype_opt = bench_cmd->add_option("--dtype", bopt.dtypes, "Storage types: float32, bfloat16")
+                        ->delimiter(',')
+                        ->check(CLI::IsMember({"float32", "bfloat16"}));
+  auto *baseline_opt = bench_cmd->add_flag("!--no-baseline", bopt.baseline, "Skip the padded GEMM baseline");
+  auto *reference_opt = bench_cmd->add_flag("!--no-reference", bopt.reference,
+                                            "Skip the float64 check of sampled output rows (max |y - y64| / max |y64|)");
+  auto *cf_opt = bench_cmd->add_option("--capacity-factor", bopt.capacity_factor, "Capacity factor of the padded baseline")
+                     ->check(at_least(0, true));
   bench_cmd->add_flag("--json", bopt.json, "JSON lines instead of a table");
   std::string stack_deck;
   std::vector<std::string> stack_overrides;
-  bench_cmd->add_option("--deck", stack_deck,
-                        "Instead of the layer shapes: the MoE layer stack of this deck in its planned parallel modes, "
-                        "on the job's ranks (per rank: times, bytes communicated, time blocked in MPI, peak memory)");
-  bench_cmd->add_option("--set", stack_overrides, "With --deck: override a deck key (section.key=value, repeatable)");
+  auto *deck_opt = bench_cmd->add_option(
+      "--deck", stack_deck,
+      "Instead of the layer shapes: the MoE layer stack of this deck in its planned parallel modes, on the job's ranks "
+      "(per rank: times, bytes communicated, time blocked in MPI, peak memory)");
+  bench_cmd->add_option("--set", stack_overrides, "With --deck: override a deck key (section.key=value, repeatable)")
+      ->needs(deck_opt);
+  // The layer shapes' options mean nothing to a deck's stack: refused, not ignored.
+  for (auto *o : {only_opt, scale_opt, dtype_opt, baseline_opt, reference_opt, cf_opt}) deck_opt->excludes(o);
 
   std::string deck_path;
   std::vector<std::string> overrides;
@@ -103,7 +127,7 @@ int run(int argc, char **argv) {
                       "summary and activation dumps first (without it such a run is refused)");
   train_cmd->add_option("--stop-after", topt.stop_after,
                         "Act as if preempted after N steps of this run (checkpoint, exit 0); for testing restarts")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0, false));
   auto *check_cmd = cli.add_subcommand("check", "Validate a deck and print it fully resolved (exit 0 valid, 2 invalid)");
   check_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
   check_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
@@ -257,6 +258,21 @@ void print(std::ostream &out, Row const &r, bool json) {
   out << std::defaultfloat << std::endl;
 }
 
+// The shape's token count times the scale; refused where the layer could not
+// number its routed rows (T * top_k) with int.
+int scaled_tokens(BenchShape const &s, double scale) {
+  std::ostringstream what;
+  what << "bench: --token-scale " << scale;
+  if (!std::isfinite(scale) || !(scale > 0)) throw std::invalid_argument(what.str() + ": must be a finite number > 0");
+  double const tokens = std::max(1.0, std::round(s.tokens * scale));
+  if (tokens * s.top_k > double(INT_MAX)) {
+    what << std::setprecision(15) << " gives " << s.name << " " << tokens << " tokens x top_k " << s.top_k
+         << " = " << tokens * s.top_k << " routed rows, more than the " << INT_MAX << " one layer call can index";
+    throw std::invalid_argument(what.str());
+  }
+  return static_cast<int>(tokens);
+}
+
 }  // namespace
 
 int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
@@ -271,6 +287,9 @@ int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
   for (auto const &dt : opt.dtypes)
     if (dt != "float32" && dt != "bfloat16")
       throw std::invalid_argument("bench: unknown dtype '" + dt + "' (expected float32 or bfloat16)");
+  for (auto const &s : swin_shapes())
+    if (opt.only.empty() || std::find(opt.only.begin(), opt.only.end(), s.name) != opt.only.end())
+      (void)scaled_tokens(s, opt.token_scale);
   MemoryTracker::install();
   if (!opt.json) {
     out << "# backend " << Space::name() << ", " << opt.reps << " timed runs (median), " << opt.warmup
@@ -282,7 +301,7 @@ int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
   }
   for (auto const &s : swin_shapes()) {
     if (!opt.only.empty() && std::find(opt.only.begin(), opt.only.end(), s.name) == opt.only.end()) continue;
-    int const tokens = std::max(1, static_cast<int>(std::lround(s.tokens * opt.token_scale)));
+    int const tokens = scaled_tokens(s, opt.token_scale);
     for (auto const &dt : opt.dtypes) {
       if (dt == "float32") {
         print(out, bench_ours<float>(s, tokens, opt, "float32"), opt.json);

@@ -231,6 +231,37 @@ TEST(Trainer, DriverExitCodes) {
   EXPECT_EQ(2, run_cli({"hexamoe", "frobnicate"}));
 }
 
+// Bench arguments that cannot mean what they say: refused with a message
+// naming the option, exit 2, before anything runs.
+TEST(Trainer, BenchRefusesBadArguments) {
+  auto refused = [](std::vector<std::string> args, std::string const &needle) {
+    args.insert(args.begin(), {"hexamoe", "bench"});
+    testing::internal::CaptureStderr();
+    testing::internal::CaptureStdout();
+    int const rc = run_cli(args);
+    std::string const err = testing::internal::GetCapturedStderr();
+    std::string const out = testing::internal::GetCapturedStdout();
+    EXPECT_EQ(rc, 2) << args.back();
+    EXPECT_NE(err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << err;
+    EXPECT_EQ(out.find("hexamoe "), std::string::npos) << "a benchmark ran: " << out;
+  };
+  refused({"--token-scale", "nan"}, "--token-scale: must be a finite number > 0, got 'nan'");
+  refused({"--token-scale", "inf"}, "got 'inf'");
+  refused({"--token-scale", "0"}, "> 0, got '0'");
+  refused({"--token-scale", "1e300"}, "routed rows, more than the 2147483647 one layer call can index");
+  // 14400 x 200000 tokens of the top-1 shape: 2.88e9 routed rows.
+  refused({"--only", "swinS-s3-top1", "--token-scale", "200000"},
+          "gives swinS-s3-top1 2880000000 tokens x top_k 1 = 2880000000 routed rows");
+  refused({"--reps", "0"}, "--reps: must be a finite number > 0");
+  refused({"--warmup", "-1"}, "--warmup: must be a finite number >= 0");
+  refused({"--capacity-factor", "nan"}, "--capacity-factor: must be a finite number > 0");
+  // Options of one mode given to the other are refused, not ignored.
+  refused({"--set", "model.dim=8"}, "--set requires --deck");
+  refused({"--deck", quick_deck(), "--only", "swinS-s3-top1"}, "excludes");
+  refused({"--deck", quick_deck(), "--dtype", "bfloat16"}, "excludes");
+  refused({"--deck", quick_deck(), "--token-scale", "2"}, "excludes");
+}
+
 // The parameter counts the memory check uses, against the parameters of the
 // model itself (replicated and expert elements, several shapes).
 TEST(Trainer, ParameterCountsMatchTheModel) {
