@@ -120,7 +120,10 @@ int run(int argc, char **argv) {
   auto *train_cmd = cli.add_subcommand("train", "Train the model a deck describes");
   train_cmd->add_option("deck", deck_path, "Input deck (TOML)")->required();
   train_cmd->add_option("--set", overrides, "Override a deck key: section.key=value (repeatable)");
-  train_cmd->add_option("--restart", topt.restart, "Continue from a checkpoint: 'latest' or a path");
+  train_cmd->add_option("--restart", topt.restart, "Continue from a checkpoint: 'latest' or a path")
+      ->check(CLI::Validator(
+          [](std::string &s) { return s.empty() ? std::string("needs 'latest' or a checkpoint path, got ''") : ""; },
+          "CHECKPOINT"));
   train_cmd->add_flag("--quiet", topt.quiet, "No per-step lines");
   train_cmd->add_flag("--overwrite", topt.overwrite,
                       "Start afresh in a run.output_dir that holds an earlier run, removing its checkpoints, metrics, "

@@ -229,6 +229,9 @@ TEST(Trainer, DriverExitCodes) {
   EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--set", "data.source=fashion-mnist", "--set",
                         "data.path=/nonexistent"}));
   EXPECT_EQ(2, run_cli({"hexamoe", "frobnicate"}));
+  // An empty --restart (an unset variable in a job script) is not a fresh start.
+  EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--restart", ""}));
+  EXPECT_EQ(2, run_cli({"hexamoe", "train", quick_deck(), "--stop-after", "-1"}));
 }
 
 // Bench arguments that cannot mean what they say: refused with a message
