@@ -198,6 +198,13 @@ int run(int argc, char **argv) {
       return bench::run_stack_bench(deck, sopt, MPI_COMM_WORLD, world_rank() == 0 ? std::cout : sink);
     }
     if (*bench_cmd) {
+      // Rows that cannot fit are refused before anything is allocated (on a
+      // host, the out-of-memory killer would end the run without a word).
+      collectively(MPI_COMM_WORLD, [&] {
+        check_bench_memory(bench::layer_bench_need(bopt), bopt.token_scale, device_memory_available(),
+                           host_memory_available(MPI_COMM_WORLD));
+        return 0;
+      });
       std::ostringstream sink;
       return bench::run_layer_bench(bopt, world_rank() == 0 ? std::cout : sink);
     }

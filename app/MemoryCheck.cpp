@@ -246,4 +246,18 @@ void check_memory(Deck const &deck, MemoryNeed const &need, std::optional<Memory
                                                ").");
 }
 
+void check_bench_memory(bench::BenchNeed const &need, double token_scale,
+                        std::optional<MemoryAvailable> const &device, std::optional<MemoryAvailable> const &host) {
+  std::optional<MemoryAvailable> const &have = device ? device : host;
+  if (!have || need.bytes <= have->bytes) return;
+  std::ostringstream scale;
+  scale << token_scale;
+  throw InputError("bench", "the " + need.row + " row at --token-scale " + scale.str() +
+                                        " does not fit in memory: it needs at least " + format_bytes(need.bytes) +
+                                        " of " + (device ? "device" : "host") +
+                                        " memory (expert weights and gradients, its inputs and outputs, the "
+                                        "activations of its routed rows), but has " +
+                                        have->source + ". Use a smaller --token-scale, or --only other shapes.");
+}
+
 }  // namespace hexamoe::app

@@ -15,6 +15,7 @@
 // cgroup limit, as Slurm sets with --mem) shared by the ranks of the node.
 #pragma once
 
+#include "bench/LayerBench.hpp"
 #include "io/Deck.hpp"
 
 #include <mpi.h>
@@ -67,6 +68,12 @@ std::optional<MemoryAvailable> device_memory_available();
 // data does not fit the host. Unknown amounts are not checked.
 void check_memory(Deck const &deck, MemoryNeed const &need, std::optional<MemoryAvailable> const &device,
                   std::optional<MemoryAvailable> const &host);
+
+// Throws InputError when the largest row of `hexamoe bench` (its lower
+// bound, bench::layer_bench_need) does not fit the device (device given) or
+// the host, naming the row and --token-scale.
+void check_bench_memory(bench::BenchNeed const &need, double token_scale,
+                        std::optional<MemoryAvailable> const &device, std::optional<MemoryAvailable> const &host);
 
 // A byte count for messages: "512 B", "3.2 MiB", "1.5 TiB".
 std::string format_bytes(double bytes);

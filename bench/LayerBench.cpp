@@ -275,6 +275,37 @@ int scaled_tokens(BenchShape const &s, double scale) {
 
 }  // namespace
 
+BenchNeed layer_bench_need(BenchOptions const &opt) {
+  BenchNeed need;
+  auto consider = [&](BenchShape const &s, int T, char const *impl, char const *dtype, double bytes) {
+    if (bytes <= need.bytes) return;
+    need.bytes = bytes;
+    need.row = s.name + " " + dtype + " (" + impl + ", " + std::to_string(T) + " tokens)";
+  };
+  for (auto const &s : swin_shapes()) {
+    if (!opt.only.empty() && std::find(opt.only.begin(), opt.only.end(), s.name) == opt.only.end()) continue;
+    int const T = scaled_tokens(s, opt.token_scale);
+    double const E = s.experts, d = s.dim, H = s.hidden, S = double(T) * s.top_k;
+    double const weights = E * (2.0 * d * H + H + d);  // gradients in float32
+    // Our row: x, y, dy, dx; z1, h, o and dL/dg of the S routed rows; the
+    // router's probabilities, their gradient and log-sum-exp per token; its
+    // expert ids and gates and the routing index's two lists per routed row.
+    double const routing = 4.0 * T * (2.0 * E + 1.0) + 16.0 * S;
+    auto ours = [&](double elem) {
+      return weights * (elem + 4.0) + 4.0 * T * d * elem + S * (2.0 * H + d) * elem + 4.0 * S + routing;
+    };
+    for (auto const &dt : opt.dtypes) consider(s, T, "hexamoe", dt.c_str(), ours(dt == "bfloat16" ? 2.0 : 4.0));
+    if (opt.baseline) {
+      // The padded row: x, y, y2, dy, dx; the [E, C, .] buffers (dispatch, z,
+      // h, o, and the gradients dbuf, dz); routing as ours.
+      double const C = std::ceil(opt.capacity_factor * S / E);
+      consider(s, T, "padded-gemm", "float32",
+               weights * 8.0 + 20.0 * T * d + 4.0 * E * C * (3.0 * d + 3.0 * H) + routing);
+    }
+  }
+  return need;
+}
+
 int run_layer_bench(BenchOptions const &opt, std::ostream &out) {
   for (auto const &name : opt.only) {
     auto const &all = swin_shapes();

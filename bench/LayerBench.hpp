@@ -31,6 +31,19 @@ struct BenchOptions {
   unsigned seed = 1;
 };
 
+// A lower bound of the bytes the largest row of a run allocates in the
+// default memory space: the expert weights and their gradients, the row's
+// input and output buffers, the layer's activations (S = T*k rows of z1, h
+// and o) and the router's and routing index's per-token buffers; the padded
+// row adds its capacity buffers. Workspaces and partial sums come on top.
+// Throws std::invalid_argument for a token scale that layer calls cannot
+// index.
+struct BenchNeed {
+  double bytes = 0;
+  std::string row;  // "swinS-s3-top1 float32 (hexamoe, 14400 tokens)"
+};
+BenchNeed layer_bench_need(BenchOptions const &opt);
+
 // Runs the benchmark on Kokkos' default execution space; returns 0 on success.
 int run_layer_bench(BenchOptions const &opt, std::ostream &out);
 

@@ -848,4 +848,33 @@ TEST(Parallel, LayerBenchChecksOutputAgainstFloat64) {
   EXPECT_LT(diff["bfloat16"], 2e-2);
 }
 
+// The bound hexamoe bench checks against free memory before it runs
+// (bench::layer_bench_need) against the peak each row allocates (Kokkos'
+// allocation callbacks, the rows' peak_MiB): never above it, and not a
+// vacuous bound either.
+TEST(Parallel, LayerBenchNeedIsALowerBoundOfItsRows) {
+  for (std::string const shape : {"swinS-s3-top1", "swinS-s3-top2"}) {
+    for (std::string const row : {"float32", "bfloat16", "padded"}) {
+      bench::BenchOptions o;
+      o.only = {shape};
+      o.token_scale = 0.05;  // 720 tokens
+      o.reps = 1;
+      o.warmup = 0;
+      o.reference = false;
+      o.json = true;
+      o.baseline = row == "padded";
+      o.dtypes = row == "padded" ? std::vector<std::string>{} : std::vector<std::string>{row};
+      double const need = bench::layer_bench_need(o).bytes;
+      std::ostringstream out;
+      ASSERT_EQ(bench::run_layer_bench(o, out), 0);
+      auto const p = out.str().find("\"peak_MiB\": ");
+      ASSERT_NE(p, std::string::npos) << out.str();
+      double const peak = std::stod(out.str().substr(p + 12)) * (1 << 20);
+      EXPECT_LE(need, peak * (1 + 1e-5)) << shape << " " << row;
+      EXPECT_GE(need, 0.8 * peak) << shape << " " << row;
+      std::printf("# %s %s: bound %.4g of peak %.4g bytes (%.3f)\n", shape.c_str(), row.c_str(), need, peak, need / peak);
+    }
+  }
+}
+
 }  // namespace

@@ -255,6 +255,12 @@ TEST(Trainer, BenchRefusesBadArguments) {
   // 14400 x 200000 tokens of the top-1 shape: 2.88e9 routed rows.
   refused({"--only", "swinS-s3-top1", "--token-scale", "200000"},
           "gives swinS-s3-top1 2880000000 tokens x top_k 1 = 2880000000 routed rows");
+  // 288e6 tokens fit int's routed rows but no machine's memory (13 TiB for the padded row).
+  refused({"--only", "swinS-s3-top1", "--token-scale", "20000"},
+          "bench: the swinS-s3-top1 float32 (padded-gemm, 288000000 tokens) row at --token-scale 20000 does not fit in "
+          "memory: it needs at least");
+  refused({"--only", "swinS-s3-top1", "--token-scale", "20000", "--no-baseline", "--dtype", "bfloat16"},
+          "bfloat16 (hexamoe, 288000000 tokens) row at --token-scale 20000 does not fit in memory");
   refused({"--reps", "0"}, "--reps: must be a finite number > 0");
   refused({"--warmup", "-1"}, "--warmup: must be a finite number >= 0");
   refused({"--capacity-factor", "nan"}, "--capacity-factor: must be a finite number > 0");
