@@ -3,6 +3,7 @@
 #pragma once
 
 #include "Compat.hpp"
+#include "nn/HostMath.hpp"
 
 #include <stdexcept>
 #include <string>
@@ -54,6 +55,44 @@ KOKKOS_INLINE_FUNCTION Acc activate_grad(Activation a, Acc z) {
       return s * (Acc(1) + z * (Acc(1) - s));
     }
     default: return Acc(1);
+  }
+}
+
+// Host epilogues: the activation, or the multiplication by its derivative,
+// over a row of n accumulators, with float32 exp and erf that vectorise
+// (nn/HostMath.hpp; relative error below 3e-7) instead of libm's scalar calls.
+template <class Acc>
+inline void activate_row(Activation a, Acc *v, int n) {
+  switch (a) {
+    case Activation::gelu:
+      for (int i = 0; i < n; ++i) v[i] = nn::gelu<true>(v[i]);
+      break;
+    case Activation::relu:
+      for (int i = 0; i < n; ++i) v[i] = v[i] > Acc(0) ? v[i] : Acc(0);
+      break;
+    case Activation::silu:
+      for (int i = 0; i < n; ++i) v[i] = v[i] / (Acc(1) + nn::exp_of<true>(-v[i]));
+      break;
+    default: break;
+  }
+}
+// v[i] *= act'(z[i]) (z: storage values, converted).
+template <class Acc, class TZ>
+inline void activate_grad_row(Activation a, Acc *v, TZ const *z, int n) {
+  switch (a) {
+    case Activation::gelu:
+      for (int i = 0; i < n; ++i) v[i] *= nn::gelu_grad<true>(static_cast<Acc>(z[i]));
+      break;
+    case Activation::relu:
+      for (int i = 0; i < n; ++i) v[i] = static_cast<Acc>(z[i]) > Acc(0) ? v[i] : Acc(0);
+      break;
+    case Activation::silu:
+      for (int i = 0; i < n; ++i) {
+        Acc const x = static_cast<Acc>(z[i]), s = Acc(1) / (Acc(1) + nn::exp_of<true>(-x));
+        v[i] *= s * (Acc(1) + x * (Acc(1) - s));
+      }
+      break;
+    default: break;
   }
 }
 

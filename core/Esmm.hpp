@@ -56,6 +56,14 @@ struct EsmmKernel {
   bool has_bias;
   int K, N, col_tiles;
 
+#if defined(HEXAMOE_HOST_BF16_DOT)
+  // bf16 operands on a host with vdpbf16ps (TileGemm.hpp), for unscaled rows
+  // (scaled ones would need a second product for what bf16 cannot hold).
+  static constexpr bool bf16_dot = host && std::is_same_v<TX, bfloat16> && std::is_same_v<TW, bfloat16>;
+#else
+  static constexpr bool bf16_dot = false;
+#endif
+
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
     int const league = team.league_rank();
     int const ct = league % col_tiles;
@@ -93,6 +101,16 @@ struct EsmmKernel {
     for (int k0 = 0; k0 < K; k0 += Shape::TK) {
       int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
       team.team_barrier();
+#if defined(HEXAMOE_HOST_BF16_DOT)
+      if constexpr (bf16_dot) {
+        if (x.source != RowSource::token_gated) {
+          stage_bf16_pairs(xs, ws, we, p0, rows, c0, cols, k0, tk, k);
+          host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs),
+                                           reinterpret_cast<std::uint32_t const *>(ws), cs, rows, (tk + 1) / 2);
+          continue;
+        }
+      }
+#endif
       if constexpr (host) {
         // One thread: resolve each row once, then convert a contiguous run.
         for (int r = 0; r < rows; ++r) {
@@ -147,8 +165,7 @@ struct EsmmKernel {
     }
 
     if constexpr (host) {
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) epilogue(e, p0 + r, c0 + c, k, cs[r * Shape::TN + c]);
+      host_epilogue(e, p0, rows, c0, cols, k, cs);
     } else {
       for (int r = 0; r < Shape::RM; ++r) {
         int const rr = tr * Shape::RM + r;
@@ -157,6 +174,81 @@ struct EsmmKernel {
           int const cc = tc * Shape::RN + c;
           if (cc < cols) epilogue(e, p0 + rr, c0 + cc, k, acc[r][c]);
         }
+      }
+    }
+  }
+
+#if defined(HEXAMOE_HOST_BF16_DOT)
+  // Stages a chunk as bf16 pairs along k (TileGemm.hpp's host_micro_bf16):
+  // xs2[r][j] = (x[r][2j], x[r][2j+1]), ws2[j][c] = (w[2j][c], w[2j+1][c]),
+  // a zero past an odd tk and zero columns past cols, in the scratch the
+  // float staging uses (half of it).
+  template <class WE>
+  void stage_bf16_pairs(Acc *xs, Acc *ws, WE const &we, int p0, int rows, int c0, int cols, int k0, int tk,
+                        int k) const {
+    constexpr int LX = Shape::TK / 2, TN = Shape::TN;
+    int const tk2 = (tk + 1) / 2;
+    auto *xs2 = reinterpret_cast<std::uint32_t *>(xs);
+    auto *ws2 = reinterpret_cast<std::uint32_t *>(ws);
+    for (int r = 0; r < rows; ++r) {
+      int const p = p0 + r;
+      bfloat16 const *src = &x.rows(x.row(p, R.sorted_flat(p), k), k0);
+      std::uint16_t *dst = reinterpret_cast<std::uint16_t *>(xs2 + r * LX);
+      for (int kk = 0; kk < tk; ++kk) dst[kk] = src[kk].bits;
+      if (tk & 1) dst[tk] = 0;
+    }
+    if (transpose_w) {
+      for (int c = 0; c < cols; ++c) {
+        bfloat16 const *src = &we(c0 + c, k0);
+        for (int j = 0; j < tk / 2; ++j)
+          ws2[j * TN + c] = std::uint32_t(src[2 * j].bits) | (std::uint32_t(src[2 * j + 1].bits) << 16);
+        if (tk & 1) ws2[(tk2 - 1) * TN + c] = src[tk - 1].bits;
+      }
+    } else {
+      for (int j = 0; j < tk2; ++j) {
+        bfloat16 const *lo = &we(k0 + 2 * j, c0);
+        std::uint32_t *dst = ws2 + j * TN;
+        if (2 * j + 1 < tk) {
+          bfloat16 const *hi = &we(k0 + 2 * j + 1, c0);
+          for (int c = 0; c < cols; ++c) dst[c] = std::uint32_t(lo[c].bits) | (std::uint32_t(hi[c].bits) << 16);
+        } else {
+          for (int c = 0; c < cols; ++c) dst[c] = lo[c].bits;
+        }
+      }
+    }
+    for (int j = 0; j < tk2; ++j)
+      for (int c = cols; c < TN; ++c) ws2[j * TN + c] = 0;
+  }
+#endif
+
+  // The epilogue on the host, a row of the tile at a time: each step a loop
+  // over the row that the compiler vectorises (the activation through
+  // activate_row's float32 exp and erf).
+  void host_epilogue(int e, int p0, int rows, int c0, int cols, int k, Acc *cs) const {
+    for (int r = 0; r < rows; ++r) {
+      int const p = p0 + r;
+      Acc *v = cs + r * Shape::TN;
+      if (has_bias) {
+        TW const *b = &bias(e, c0);
+        for (int c = 0; c < cols; ++c) v[c] += to_acc<Acc>(b[c]);
+      }
+      bool const grad = ep.act_grad_of.data() != nullptr;
+      if (grad) activate_grad_row(ep.act, v, &ep.act_grad_of(p, c0), cols);
+      if (ep.pre.data() != nullptr) {
+        TY *out = &ep.pre(p, c0);  // may be act_grad_of's row, read above
+        for (int c = 0; c < cols; ++c) out[c] = from_acc<TY>(v[c]);
+      }
+      if (ep.post.data() == nullptr && ep.token_out.data() == nullptr) continue;
+      if (!grad) activate_row(ep.act, v, cols);
+      if (ep.post.data() != nullptr) {
+        TY *out = &ep.post(p, c0);
+        for (int c = 0; c < cols; ++c) out[c] = from_acc<TY>(v[c]);
+      }
+      if (ep.token_out.data() != nullptr) {
+        int const flat = R.sorted_flat(p);
+        Acc const g = ep.token_gate.data() != nullptr ? ep.token_gate(flat) : Acc(1);
+        TY *out = &ep.token_out(flat / k, c0);
+        for (int c = 0; c < cols; ++c) out[c] = from_acc<TY>(g * v[c]);
       }
     }
   }

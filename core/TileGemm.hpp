@@ -39,6 +39,11 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(KOKKOS_ENABLE_CUDA) && !defined(KOKKOS_ENABLE_HIP) && \
+    !defined(KOKKOS_ENABLE_SYCL) && !defined(KOKKOS_ENABLE_OPENMPTARGET)
+#include <immintrin.h>  // the host bf16 micro-kernel below
+#endif
+
 // Loop unrolling hint for device compilers (host compilers would warn on it).
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define HEXAMOE_UNROLL _Pragma("unroll")
@@ -102,6 +107,59 @@ inline void host_micro_vec_rows(float const *xs, int ldx, float const *ws, int l
   if constexpr (RM > 0) {
     if (rm == RM) return host_micro_vec<RM, NV>(xs, ldx, ws, ldw, cs, ldc, tk);
     host_micro_vec_rows<RM - 1, NV>(xs, ldx, ws, ldw, cs, ldc, tk, rm);
+  }
+}
+#endif
+
+// Host builds for CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4
+// and later; -march=native on one of them): bf16 operands multiply in pairs
+// along k with vdpbf16ps, which adds both exact products to the float32
+// accumulator (twice the work per instruction of a float32 FMA, and half the
+// operand bytes). xs2[r][j] holds the pair (x[r][2j], x[r][2j+1]) and
+// ws2[j][c] the pair (w[2j][c], w[2j+1][c]), bf16 bits in one 32-bit word.
+#if defined(HEXAMOE_HOST_VECTORS) && defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HEXAMOE_HOST_BF16_DOT 1
+
+// cs[r][c] += sum_j dot(xs2[r][j], ws2[j][c]) for r < R, c < 16 NV.
+template <int R, int NV>
+inline void host_micro_bf16(std::uint32_t const *xs2, int ldx, std::uint32_t const *ws2, int ldw, float *cs, int ldc,
+                            int tk2) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(cs + r * ldc + 16 * v);
+  for (int j = 0; j < tk2; ++j) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(ws2 + j * ldw + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      __m512bh const a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs2[r * ldx + j]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(cs + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int RM, int NV>
+inline void host_micro_bf16_rows(std::uint32_t const *xs2, int ldx, std::uint32_t const *ws2, int ldw, float *cs,
+                                 int ldc, int tk2, int rm) {
+  if constexpr (RM > 0) {
+    if (rm == RM) return host_micro_bf16<RM, NV>(xs2, ldx, ws2, ldw, cs, ldc, tk2);
+    host_micro_bf16_rows<RM - 1, NV>(xs2, ldx, ws2, ldw, cs, ldc, tk2, rm);
+  }
+}
+
+// The valid rows of a host tile for one staged chunk of tk2 pairs, over the
+// tile's full width (staged columns past the valid extent hold zeros).
+template <class Shape>
+inline void host_tile_accumulate_bf16(std::uint32_t const *xs2, std::uint32_t const *ws2, float *cs, int rows,
+                                      int tk2) {
+  static_assert(Shape::TN % 64 == 0, "the bf16 micro-kernel takes 64 columns at a time");
+  constexpr int RB = 6;  // 6 x 64 accumulators: 24 of the 32 vector registers
+  for (int r0 = 0; r0 < rows; r0 += RB) {
+    int const rm = rows - r0 < RB ? rows - r0 : RB;
+    for (int c0 = 0; c0 < Shape::TN; c0 += 64)
+      host_micro_bf16_rows<RB, 4>(xs2 + r0 * (Shape::TK / 2), Shape::TK / 2, ws2 + c0, Shape::TN,
+                                  cs + r0 * Shape::TN + c0, Shape::TN, tk2, rm);
   }
 }
 #endif

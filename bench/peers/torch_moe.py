@@ -35,7 +35,9 @@ from a `hexamoe bench --json` run and a run of this script (with --roofline).
 import argparse
 import json
 import math
+import platform
 import sys
+import time
 
 # The shapes of `hexamoe bench` (bench/LayerBench.cpp, swin_shapes()).
 SHAPES = [
@@ -176,24 +178,30 @@ def padded_keep(torch, F, idx, E, cf=1.25):
     return (pos < C).reshape(k, T).t()
 
 
-def time_ms(torch, fn, reps, warmup):
+def time_ms(torch, fn, reps, warmup, dev="cuda"):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
+    if dev == "cpu":
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    else:
         torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
     ts.sort()
     return ts[len(ts) // 2]
 
 
 def run_peer(torch, F, s, peer, dtype, args):
-    dev = "cuda"
+    dev = args.device
     m = make_layer(torch, s, dtype, dev)
     g = torch.Generator(device=dev).manual_seed(2)
     x = torch.randn(s["T"], s["d"], device=dev, generator=g).to(dtype).requires_grad_(True)
@@ -221,14 +229,17 @@ def run_peer(torch, F, s, peer, dtype, args):
         else:
             torch.autograd.backward([y, aux], [dy, torch.ones_like(aux)])
 
-    t_fwd = time_ms(torch, fwd, args.reps, args.warmup)
+    t_fwd = time_ms(torch, fwd, args.reps, args.warmup, dev)
     for _ in range(args.warmup):
         fwd_bwd()  # gradients exist from here on
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    t_fb = time_ms(torch, fwd_bwd, args.reps, 0)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = None  # PyTorch counts no peak of host allocations
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t_fb = time_ms(torch, fwd_bwd, args.reps, 0, dev)
+    if dev == "cuda":
+        peak = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
     # Accuracy: the peer against float64 on the same routing.
     with torch.no_grad():
@@ -242,25 +253,42 @@ def run_peer(torch, F, s, peer, dtype, args):
             "tokens": s["T"], "router": not args.no_router,
             "fwd_ms": round(t_fwd, 4), "fwdbwd_ms": round(t_fb, 4),
             "fwd_GFLOPs": round(fl / t_fwd / 1e6, 1), "fwdbwd_GFLOPs": round(3 * fl / t_fb / 1e6, 1),
-            "peak_extra_MiB": round(peak, 1), "max_rel_diff_fp64": float("%.3g" % rel),
+            "peak_extra_MiB": peak, "max_rel_diff_fp64": float("%.3g" % rel),
             "dropped_fraction": round(dropped, 4)}
 
 
-def roofline(torch):
-    out = {"kind": "roofline", "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    n = 8192
-    g = torch.Generator(device="cuda").manual_seed(3)
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def roofline(torch, dev="cuda"):
+    cpu = dev == "cpu"
+    name = cpu_model() if cpu else torch.cuda.get_device_name()
+    out = {"kind": "roofline", "device": name, "torch": torch.__version__}
+    if cpu:
+        out["threads"] = torch.get_num_threads()
+    n = 2048 if cpu else 8192
+    g = torch.Generator(device=dev).manual_seed(3)
     for name, dt, tf32 in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
                            ("tf32", torch.float32, True)):
+        if cpu and tf32:
+            continue  # no tf32 on a CPU
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        a = torch.randn(n, n, device="cuda", generator=g).to(dt)
-        b = torch.randn(n, n, device="cuda", generator=g).to(dt)
-        ms = time_ms(torch, lambda: a @ b, 10 if name == "bf16" else 5, 3)
-        out["matmul_%s_TFLOPs" % name] = round(2.0 * n ** 3 / ms / 1e9, 1)
+        a = torch.randn(n, n, device=dev, generator=g).to(dt)
+        b = torch.randn(n, n, device=dev, generator=g).to(dt)
+        ms = time_ms(torch, lambda: a @ b, 10 if name == "bf16" else 5, 3, dev)
+        out["matmul_%s_TFLOPs" % name] = round(2.0 * n ** 3 / ms / 1e9, 4 if cpu else 1)
     torch.backends.cuda.matmul.allow_tf32 = False
-    src = torch.randn(512 * 2**20, device="cuda", generator=g)  # 2 GiB
+    src = torch.randn((64 if cpu else 512) * 2**20, device=dev, generator=g)  # 256 MiB / 2 GiB
     dst = torch.empty_like(src)
-    ms = time_ms(torch, lambda: dst.copy_(src), 20, 3)
+    ms = time_ms(torch, lambda: dst.copy_(src), 20, 3, dev)
     out["copy_GBs"] = round(2 * src.numel() * 4 / ms / 1e6, 1)
     del src, dst
     return out
@@ -318,10 +346,10 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
         ours_extra = r["peak_MiB"] - (params + grads + io) / 2**20
         pad = p.get("padded")
         mem = "%.0f / %.0f (%.2fx)" % (ours_extra, pad["peak_extra_MiB"], ours_extra / pad["peak_extra_MiB"]) \
-            if pad and pad["peak_extra_MiB"] > 0 else "%.0f / -" % ours_extra
+            if pad and (pad.get("peak_extra_MiB") or 0) > 0 else "%.0f / -" % ours_extra
         floor = "-"
         if roof:
-            rate = roof["matmul_%s_TFLOPs" % {"bfloat16": "bf16", "tf32": "tf32"}.get(dt, "fp32")] * 1e12
+            rate = roof.get("matmul_%s_TFLOPs" % {"bfloat16": "bf16", "tf32": "tf32"}.get(dt, "fp32"), 0) * 1e12
             t = max(flops_fwd(s) / rate, bytes_fwd(s, esize) / (roof["copy_GBs"] * 1e9)) * 1e3
             floor = "%.3f (%.0f%%)" % (t, 100 * t / r["fwd_ms"])
         errs = [q["max_rel_diff_fp64"] for q in p.values() if "max_rel_diff_fp64" in q]
@@ -330,7 +358,12 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
         label = "%s (%s)" % (dt, math) if dt == "float32" and math else dt
         print("| %s | %s | %.3f / %.3f | %s | %s | %s | %s | %s | %s | %s |" % (
             cfg, label, r["fwd_ms"], r["fwdbwd_ms"], cells[0], cells[1], cells[2], speed, mem, floor, acc))
-    if roof:
+    if roof and "threads" in roof:
+        print("\nCeilings measured in the same run: %s, %d PyTorch thread(s); bf16 %.1f, fp32 %.1f GFLOP/s"
+              " (torch.matmul, 2048^3 random); copy %.1f GB/s (read + write)." % (
+                  roof["device"], roof["threads"], 1e3 * roof["matmul_bf16_TFLOPs"],
+                  1e3 * roof["matmul_fp32_TFLOPs"], roof["copy_GBs"]))
+    elif roof:
         print("\nCeilings measured in the same call: %s; bf16 %.0f, fp32 %.1f, tf32 %.0f TFLOP/s (torch.matmul,"
               " 8192^3 random); copy %.0f GB/s (read + write)." % (
                   roof["device"], roof["matmul_bf16_TFLOPs"], roof["matmul_fp32_TFLOPs"],
@@ -347,6 +380,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--token-scale", type=float, default=1.0)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the peers on the host (wall-clock medians; no peak memory)")
+    ap.add_argument("--threads", type=int, default=0, help="with --device cpu: torch.set_num_threads (0: as is)")
     ap.add_argument("--no-router", action="store_true", help="time the expert part only")
     ap.add_argument("--roofline", action="store_true", help="measure the matrix rate and copy bandwidth first")
     ap.add_argument("--report", nargs=2, metavar=("OURS", "PEERS"),
@@ -361,13 +397,15 @@ def main():
 
     import torch
     import torch.nn.functional as F
-    if not torch.cuda.is_available():
-        print("torch_moe.py: no CUDA device", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("torch_moe.py: no CUDA device (--device cpu runs the peers on the host)", file=sys.stderr)
         return 1
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if args.roofline:
-        print(json.dumps(roofline(torch)), flush=True)
+        print(json.dumps(roofline(torch, args.device)), flush=True)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for s in SHAPES:
         if args.only and s["name"] not in args.only.split(","):
@@ -382,7 +420,8 @@ def main():
                 except Exception as ex:  # a peer that cannot run a shape says so
                     print(json.dumps({"cfg": s["name"], "impl": peer, "dtype": dn, "error": repr(ex)[:300]}),
                           flush=True)
-                torch.cuda.empty_cache()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
     return 0
 
 
