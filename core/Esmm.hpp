@@ -57,8 +57,9 @@ struct EsmmKernel {
   int K, N, col_tiles;
 
 #if defined(HEXAMOE_HOST_BF16_DOT)
-  // bf16 operands on a host with vdpbf16ps (TileGemm.hpp), for unscaled rows
-  // (scaled ones would need a second product for what bf16 cannot hold).
+  // bf16 operands on a host with vdpbf16ps (TileGemm.hpp). A row's gate
+  // scales its sum instead of its operands ((g x) W = g (x W)), which bf16
+  // could not hold without a second product.
   static constexpr bool bf16_dot = host && std::is_same_v<TX, bfloat16> && std::is_same_v<TW, bfloat16>;
 #else
   static constexpr bool bf16_dot = false;
@@ -103,12 +104,10 @@ struct EsmmKernel {
       team.team_barrier();
 #if defined(HEXAMOE_HOST_BF16_DOT)
       if constexpr (bf16_dot) {
-        if (x.source != RowSource::token_gated) {
-          stage_bf16_pairs(xs, ws, we, p0, rows, c0, cols, k0, tk, k);
-          host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs),
-                                           reinterpret_cast<std::uint32_t const *>(ws), cs, rows, (tk + 1) / 2);
-          continue;
-        }
+        stage_bf16_pairs(xs, ws, we, p0, rows, c0, cols, k0, tk, k);
+        host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs),
+                                         reinterpret_cast<std::uint32_t const *>(ws), cs, rows, (tk + 1) / 2);
+        continue;
       }
 #endif
       if constexpr (host) {
@@ -165,6 +164,11 @@ struct EsmmKernel {
     }
 
     if constexpr (host) {
+      if (bf16_dot && x.source == RowSource::token_gated)
+        for (int r = 0; r < rows; ++r) {
+          Acc const g = x.scale(R.sorted_flat(p0 + r));
+          for (int c = 0; c < cols; ++c) cs[r * Shape::TN + c] *= g;
+        }
       host_epilogue(e, p0, rows, c0, cols, k, cs);
     } else {
       for (int r = 0; r < Shape::RM; ++r) {

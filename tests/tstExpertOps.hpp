@@ -205,6 +205,45 @@ void run_esmm_transposed_actgrad(Shape sh, unsigned seed) {
   expect_within<T>(got, ref, abssum, N, 1.0, "esmm transposed x act'");
 }
 
+// The layer's dz1: ESMM of gate-scaled token rows (g dy, read through the
+// index) with W read transposed, times act'(z): out[p] = (g_p dy[t_p] W^T) act'(z_p).
+template <class T>
+void run_esmm_gated(Shape sh, unsigned seed) {
+  using Acc = accumulator_t<T>;
+  Problem<T> P(sh, seed);
+  int const S = P.S(), K = sh.K, N = sh.N;
+  std::mt19937 rng(seed + 200);
+  Vec zs = test::random_vec(std::size_t(S) * K, rng);
+  V2<T> zs_d = test::to_view<T>(zs, V2<T>("zs", S, K));
+  V2<T> out("out", S, K);
+  test::poison<T>(out);
+  EsmmEpilogue<T, Mem> ep;
+  ep.act = Activation::gelu;
+  ep.act_grad_of = zs_d;
+  ep.pre = out;
+  auto const gdy = gated_token_rows(V2<T const>(P.dy_d), Kokkos::View<Acc const *, Mem>(P.g_d));
+  esmm(Space(), P.R, gdy, V3<T const>(P.w_d), true, V2<T const>(), ep);
+  Vec got = test::from_view(out), ref(got.size()), abssum(got.size());
+  Vec zr = test::rounded<T>(zs);
+  for (int p = 0; p < S; ++p) {
+    int const f = test::from_view(Kokkos::subview(P.R.sorted_flat, std::make_pair(p, p + 1)))[0];
+    int const e = P.ids[f], t = f / sh.k;
+    for (int kk = 0; kk < K; ++kk) {
+      double v = 0, a = 0;
+      for (int n = 0; n < N; ++n) {
+        double const gd = P.g[f] * P.dy[std::size_t(t) * N + n];
+        v += gd * P.W(e, kk, n);
+        a += std::fabs(gd * P.W(e, kk, n));
+      }
+      double const zz = zr[std::size_t(p) * K + kk];
+      double const d = 0.5 * (1 + std::erf(zz / std::sqrt(2.0))) + zz * std::exp(-0.5 * zz * zz) / std::sqrt(2 * M_PI);
+      ref[std::size_t(p) * K + kk] = v * d;
+      abssum[std::size_t(p) * K + kk] = a * std::fabs(d) + std::fabs(v);
+    }
+  }
+  expect_within<T>(got, ref, abssum, N, 1.0, "esmm gated rows, transposed, x act'");
+}
+
 // Top-1 fused combine: y[t] = g[t] * act(x[t] W[e_t] + b[e_t]), each row written once.
 template <class T>
 void run_esmm_token_out(Shape sh, unsigned seed) {
@@ -307,6 +346,7 @@ void run_all(char const *name) {
     run_esmm_forward<T>(sh, Activation::gelu, seed++);
     run_esmm_forward<T>(sh, Activation::silu, seed++);
     run_esmm_transposed_actgrad<T>(sh, seed++);
+    run_esmm_gated<T>(sh, seed++);
     run_esmm_token_out<T>(sh, seed++);
     run_estmm<T>(sh, seed++);
     run_estmm<T>(sh, seed++, /*gated=*/false);
