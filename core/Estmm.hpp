@@ -31,6 +31,15 @@ struct EstmmKernel {
   Kokkos::View<TO **, Kokkos::LayoutRight, MemorySpace> bias_out;
   int M, N, m_tiles, n_tiles;
 
+#if defined(HEXAMOE_HOST_BF16_DOT)
+  // bf16 operands on a host with vdpbf16ps (TileGemm.hpp), pairs of
+  // positions along the reduction; gate-scaled operands (dW2's g dy) keep the
+  // float path: a position's gate cannot leave the sum over positions.
+  static constexpr bool bf16_dot = host && std::is_same_v<TA, bfloat16> && std::is_same_v<TB, bfloat16>;
+#else
+  static constexpr bool bf16_dot = false;
+#endif
+
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
     int const league = team.league_rank();
     int const nt = league % n_tiles;
@@ -62,6 +71,22 @@ struct EstmmKernel {
     for (int p0 = pbeg; p0 < pend; p0 += Shape::TK) {
       int const tk = (pend - p0) < Shape::TK ? (pend - p0) : Shape::TK;
       team.team_barrier();
+#if defined(HEXAMOE_HOST_BF16_DOT)
+      if constexpr (bf16_dot) {
+        if (a.source != RowSource::token_gated && b.source != RowSource::token_gated) {
+          stage_bf16_pairs(xs, ws, p0, tk, m0, rows, n0, cols, k);
+          auto const *ws2 = reinterpret_cast<std::uint32_t const *>(ws);
+          host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs), ws2, cs, rows, (tk + 1) / 2);
+          if (do_bias)
+            for (int j = 0; j < (tk + 1) / 2; ++j)
+              for (int c = 0; c < Shape::TN; ++c) {
+                std::uint32_t const u = ws2[j * Shape::TN + c];
+                bsum[c] += bfloat16::to_float(std::uint16_t(u & 0xFFFFu)) + bfloat16::to_float(std::uint16_t(u >> 16));
+              }
+          continue;
+        }
+      }
+#endif
       // xs[m][kk] = A(p0 + kk)[m0 + m]  (A^T staged), ws[kk][n] = B(p0 + kk)[n0 + n]
       if constexpr (host) {
         for (int kk = 0; kk < tk; ++kk) {
@@ -131,6 +156,30 @@ struct EstmmKernel {
         }
     }
   }
+
+#if defined(HEXAMOE_HOST_BF16_DOT)
+  // Stages positions p0 .. p0 + tk as pairs (TileGemm.hpp's host_micro_bf16):
+  // xs2[m][j] = (A(p0 + 2j)[m0 + m], A(p0 + 2j + 1)[m0 + m]), ws2[j][n] likewise
+  // from B, a zero past an odd tk and zero columns past cols.
+  void stage_bf16_pairs(Acc *xs, Acc *ws, int p0, int tk, int m0, int rows, int n0, int cols, int k) const {
+    constexpr int LX = Shape::TK / 2, TN = Shape::TN;
+    auto *xs2 = reinterpret_cast<std::uint32_t *>(xs);
+    auto *ws2 = reinterpret_cast<std::uint32_t *>(ws);
+    for (int j = 0; j < (tk + 1) / 2; ++j) {
+      int const p = p0 + 2 * j;
+      bool const two = 2 * j + 1 < tk;
+      int const f0 = R.sorted_flat(p), f1 = two ? R.sorted_flat(p + 1) : f0;
+      bfloat16 const *a0 = &a.rows(a.row(p, f0, k), m0), *a1 = &a.rows(a.row(p + 1, f1, k), m0);
+      bfloat16 const *b0 = &b.rows(b.row(p, f0, k), n0), *b1 = &b.rows(b.row(p + 1, f1, k), n0);
+      std::uint32_t const hi = two ? 0xFFFFu : 0u;  // the second position's half, or zero
+      for (int m = 0; m < rows; ++m)
+        xs2[m * LX + j] = std::uint32_t(a0[m].bits) | ((std::uint32_t(a1[m].bits) & hi) << 16);
+      std::uint32_t *dst = ws2 + j * TN;
+      for (int n = 0; n < cols; ++n) dst[n] = std::uint32_t(b0[n].bits) | ((std::uint32_t(b1[n].bits) & hi) << 16);
+      for (int n = cols; n < TN; ++n) dst[n] = 0;
+    }
+  }
+#endif
 };
 
 
