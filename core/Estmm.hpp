@@ -76,7 +76,8 @@ struct EstmmKernel {
         if (a.source != RowSource::token_gated && b.source != RowSource::token_gated) {
           stage_bf16_pairs(xs, ws, p0, tk, m0, rows, n0, cols, k);
           auto const *ws2 = reinterpret_cast<std::uint32_t const *>(ws);
-          host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs), ws2, cs, rows, (tk + 1) / 2);
+          host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs), ws2, cs, rows, (tk + 1) / 2,
+                                           /*kmajor=*/true);
           if (do_bias)
             for (int j = 0; j < (tk + 1) / 2; ++j)
               for (int c = 0; c < Shape::TN; ++c) {
@@ -95,7 +96,8 @@ struct EstmmKernel {
           Acc const sa = a.scale(flat), sb = b.scale(flat);
           TA const *ar = &a.rows(a.row(p, flat, k), m0);
           TB const *br = &b.rows(b.row(p, flat, k), n0);
-          for (int m = 0; m < rows; ++m) xs[m * Shape::TK + kk] = sa * to_acc<Acc>(ar[m]);
+          Acc *xk = xs + kk * Shape::TM;  // k-major: a contiguous run per position
+          for (int m = 0; m < rows; ++m) xk[m] = sa * to_acc<Acc>(ar[m]);
           Acc *dst = ws + kk * Shape::TN;
           for (int n = 0; n < cols; ++n) dst[n] = sb * to_acc<Acc>(br[n]);
           for (int n = cols; n < Shape::TN; ++n) dst[n] = Acc(0);  // the fused ESS sums whole rows
@@ -122,7 +124,7 @@ struct EstmmKernel {
       }
       team.team_barrier();
       if constexpr (host) {
-        host_tile_accumulate<Shape>(xs, ws, cs, rows, cols, tk);
+        host_tile_accumulate<Shape>(xs, ws, cs, rows, cols, tk, /*kmajor=*/true);
         if (do_bias)
           for (int kk = 0; kk < tk; ++kk)
             for (int c = 0; c < Shape::TN; ++c) bsum[c] += ws[kk * Shape::TN + c];
@@ -159,10 +161,10 @@ struct EstmmKernel {
 
 #if defined(HEXAMOE_HOST_BF16_DOT)
   // Stages positions p0 .. p0 + tk as pairs (TileGemm.hpp's host_micro_bf16):
-  // xs2[m][j] = (A(p0 + 2j)[m0 + m], A(p0 + 2j + 1)[m0 + m]), ws2[j][n] likewise
-  // from B, a zero past an odd tk and zero columns past cols.
+  // xs2[j][m] = (A(p0 + 2j)[m0 + m], A(p0 + 2j + 1)[m0 + m]) (k-major),
+  // ws2[j][n] likewise from B, a zero past an odd tk and zero columns past cols.
   void stage_bf16_pairs(Acc *xs, Acc *ws, int p0, int tk, int m0, int rows, int n0, int cols, int k) const {
-    constexpr int LX = Shape::TK / 2, TN = Shape::TN;
+    constexpr int TM = Shape::TM, TN = Shape::TN;
     auto *xs2 = reinterpret_cast<std::uint32_t *>(xs);
     auto *ws2 = reinterpret_cast<std::uint32_t *>(ws);
     for (int j = 0; j < (tk + 1) / 2; ++j) {
@@ -173,7 +175,7 @@ struct EstmmKernel {
       bfloat16 const *b0 = &b.rows(b.row(p, f0, k), n0), *b1 = &b.rows(b.row(p + 1, f1, k), n0);
       std::uint32_t const hi = two ? 0xFFFFu : 0u;  // the second position's half, or zero
       for (int m = 0; m < rows; ++m)
-        xs2[m * LX + j] = std::uint32_t(a0[m].bits) | ((std::uint32_t(a1[m].bits) & hi) << 16);
+        xs2[j * TM + m] = std::uint32_t(a0[m].bits) | ((std::uint32_t(a1[m].bits) & hi) << 16);
       std::uint32_t *dst = ws2 + j * TN;
       for (int n = 0; n < cols; ++n) dst[n] = std::uint32_t(b0[n].bits) | ((std::uint32_t(b1[n].bits) & hi) << 16);
       for (int n = cols; n < TN; ++n) dst[n] = 0;

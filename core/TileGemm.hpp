@@ -82,9 +82,10 @@ struct TileShape<false> {
 #define HEXAMOE_HOST_VECTORS 1
 typedef float host_v16f __attribute__((vector_size(64)));
 
-// cs[r][c] += sum_kk xs[r][kk] * ws[kk][c] for r < R, c < 16 NV.
+// cs[r][c] += sum_kk xs[r ldx + kk ksx] * ws[kk][c] for r < R, c < 16 NV
+// (ksx = 1: xs row-major; ldx = 1: xs staged k-major, as ESTMM's A^T).
 template <int R, int NV>
-inline void host_micro_vec(float const *xs, int ldx, float const *ws, int ldw, float *cs, int ldc, int tk) {
+inline void host_micro_vec(float const *xs, int ldx, int ksx, float const *ws, int ldw, float *cs, int ldc, int tk) {
   host_v16f acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) std::memcpy(&acc[r][v], cs + r * ldc + 16 * v, sizeof(host_v16f));
@@ -92,7 +93,7 @@ inline void host_micro_vec(float const *xs, int ldx, float const *ws, int ldw, f
     host_v16f b[NV];
     for (int v = 0; v < NV; ++v) std::memcpy(&b[v], ws + kk * ldw + 16 * v, sizeof(host_v16f));
     for (int r = 0; r < R; ++r) {
-      float const a = xs[r * ldx + kk];
+      float const a = xs[r * ldx + kk * ksx];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -102,11 +103,11 @@ inline void host_micro_vec(float const *xs, int ldx, float const *ws, int ldw, f
 
 // Rows 1..RM of a block whose width is 16 NV.
 template <int RM, int NV>
-inline void host_micro_vec_rows(float const *xs, int ldx, float const *ws, int ldw, float *cs, int ldc, int tk,
-                                int rm) {
+inline void host_micro_vec_rows(float const *xs, int ldx, int ksx, float const *ws, int ldw, float *cs, int ldc,
+                                int tk, int rm) {
   if constexpr (RM > 0) {
-    if (rm == RM) return host_micro_vec<RM, NV>(xs, ldx, ws, ldw, cs, ldc, tk);
-    host_micro_vec_rows<RM - 1, NV>(xs, ldx, ws, ldw, cs, ldc, tk, rm);
+    if (rm == RM) return host_micro_vec<RM, NV>(xs, ldx, ksx, ws, ldw, cs, ldc, tk);
+    host_micro_vec_rows<RM - 1, NV>(xs, ldx, ksx, ws, ldw, cs, ldc, tk, rm);
   }
 }
 #endif
@@ -120,10 +121,10 @@ inline void host_micro_vec_rows(float const *xs, int ldx, float const *ws, int l
 #if defined(HEXAMOE_HOST_VECTORS) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HEXAMOE_HOST_BF16_DOT 1
 
-// cs[r][c] += sum_j dot(xs2[r][j], ws2[j][c]) for r < R, c < 16 NV.
+// cs[r][c] += sum_j dot(xs2[r ldx + j ksx], ws2[j][c]) for r < R, c < 16 NV.
 template <int R, int NV>
-inline void host_micro_bf16(std::uint32_t const *xs2, int ldx, std::uint32_t const *ws2, int ldw, float *cs, int ldc,
-                            int tk2) {
+inline void host_micro_bf16(std::uint32_t const *xs2, int ldx, int ksx, std::uint32_t const *ws2, int ldw, float *cs,
+                            int ldc, int tk2) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(cs + r * ldc + 16 * v);
@@ -131,7 +132,7 @@ inline void host_micro_bf16(std::uint32_t const *xs2, int ldx, std::uint32_t con
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(ws2 + j * ldw + 16 * v);
     for (int r = 0; r < R; ++r) {
-      __m512bh const a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs2[r * ldx + j]));
+      __m512bh const a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs2[r * ldx + j * ksx]));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
@@ -140,26 +141,28 @@ inline void host_micro_bf16(std::uint32_t const *xs2, int ldx, std::uint32_t con
 }
 
 template <int RM, int NV>
-inline void host_micro_bf16_rows(std::uint32_t const *xs2, int ldx, std::uint32_t const *ws2, int ldw, float *cs,
-                                 int ldc, int tk2, int rm) {
+inline void host_micro_bf16_rows(std::uint32_t const *xs2, int ldx, int ksx, std::uint32_t const *ws2, int ldw,
+                                 float *cs, int ldc, int tk2, int rm) {
   if constexpr (RM > 0) {
-    if (rm == RM) return host_micro_bf16<RM, NV>(xs2, ldx, ws2, ldw, cs, ldc, tk2);
-    host_micro_bf16_rows<RM - 1, NV>(xs2, ldx, ws2, ldw, cs, ldc, tk2, rm);
+    if (rm == RM) return host_micro_bf16<RM, NV>(xs2, ldx, ksx, ws2, ldw, cs, ldc, tk2);
+    host_micro_bf16_rows<RM - 1, NV>(xs2, ldx, ksx, ws2, ldw, cs, ldc, tk2, rm);
   }
 }
 
 // The valid rows of a host tile for one staged chunk of tk2 pairs, over the
-// tile's full width (staged columns past the valid extent hold zeros).
+// tile's full width (staged columns past the valid extent hold zeros); xs2
+// row-major [TM][TK / 2], or k-major [TK / 2][TM].
 template <class Shape>
 inline void host_tile_accumulate_bf16(std::uint32_t const *xs2, std::uint32_t const *ws2, float *cs, int rows,
-                                      int tk2) {
+                                      int tk2, bool kmajor = false) {
+  int const ldx = kmajor ? 1 : Shape::TK / 2, ksx = kmajor ? Shape::TM : 1;
   static_assert(Shape::TN % 64 == 0, "the bf16 micro-kernel takes 64 columns at a time");
   constexpr int RB = 6;  // 6 x 64 accumulators: 24 of the 32 vector registers
   for (int r0 = 0; r0 < rows; r0 += RB) {
     int const rm = rows - r0 < RB ? rows - r0 : RB;
     for (int c0 = 0; c0 < Shape::TN; c0 += 64)
-      host_micro_bf16_rows<RB, 4>(xs2 + r0 * (Shape::TK / 2), Shape::TK / 2, ws2 + c0, Shape::TN,
-                                  cs + r0 * Shape::TN + c0, Shape::TN, tk2, rm);
+      host_micro_bf16_rows<RB, 4>(xs2 + r0 * ldx, ldx, ksx, ws2 + c0, Shape::TN, cs + r0 * Shape::TN + c0,
+                                  Shape::TN, tk2, rm);
   }
 }
 #endif
@@ -167,13 +170,13 @@ inline void host_tile_accumulate_bf16(std::uint32_t const *xs2, std::uint32_t co
 // Host micro-kernel: cs[r][c] += sum_kk xs[r][kk] * ws[kk][c] over an RM x RN
 // block (full blocks take the fixed-size path the compiler unrolls).
 template <int RM, int RN, class Acc>
-KOKKOS_INLINE_FUNCTION void host_micro(Acc const *xs, int ldx, Acc const *ws, int ldw, Acc *cs, int ldc, int tk,
-                                       int rm, int rn) {
+KOKKOS_INLINE_FUNCTION void host_micro(Acc const *xs, int ldx, int ksx, Acc const *ws, int ldw, Acc *cs, int ldc,
+                                       int tk, int rm, int rn) {
 #if defined(HEXAMOE_HOST_VECTORS)
   if constexpr (std::is_same_v<Acc, float> && RN % 16 == 0) {
-    if (rn == RN) return host_micro_vec_rows<RM, RN / 16>(xs, ldx, ws, ldw, cs, ldc, tk, rm);
+    if (rn == RN) return host_micro_vec_rows<RM, RN / 16>(xs, ldx, ksx, ws, ldw, cs, ldc, tk, rm);
     if (rn % 16 == 0) {  // a narrower edge block: 16 columns at a time
-      for (int c = 0; c < rn; c += 16) host_micro_vec_rows<RM, 1>(xs, ldx, ws + c, ldw, cs + c, ldc, tk, rm);
+      for (int c = 0; c < rn; c += 16) host_micro_vec_rows<RM, 1>(xs, ldx, ksx, ws + c, ldw, cs + c, ldc, tk, rm);
       return;
     }
   }
@@ -185,7 +188,7 @@ KOKKOS_INLINE_FUNCTION void host_micro(Acc const *xs, int ldx, Acc const *ws, in
     for (int kk = 0; kk < tk; ++kk) {
       Acc const *wr = ws + kk * ldw;
       for (int r = 0; r < RM; ++r) {
-        Acc const a = xs[r * ldx + kk];
+        Acc const a = xs[r * ldx + kk * ksx];
         for (int c = 0; c < RN; ++c) acc[r][c] += a * wr[c];
       }
     }
@@ -196,7 +199,7 @@ KOKKOS_INLINE_FUNCTION void host_micro(Acc const *xs, int ldx, Acc const *ws, in
       Acc acc[RN];
       for (int c = 0; c < rn; ++c) acc[c] = cs[r * ldc + c];
       for (int kk = 0; kk < tk; ++kk) {
-        Acc const a = xs[r * ldx + kk];
+        Acc const a = xs[r * ldx + kk * ksx];
         Acc const *wr = ws + kk * ldw;
         for (int c = 0; c < rn; ++c) acc[c] += a * wr[c];
       }
@@ -205,14 +208,18 @@ KOKKOS_INLINE_FUNCTION void host_micro(Acc const *xs, int ldx, Acc const *ws, in
   }
 }
 
-// Host: accumulate the valid rows x cols of the tile for one staged chunk.
+// Host: accumulate the valid rows x cols of the tile for one staged chunk;
+// xs row-major [TM][TK], or k-major [TK][TM] (contiguous stores when it is
+// staged from rows that run along the tile's rows, as ESTMM's A^T).
 template <class Shape, class Acc>
-KOKKOS_INLINE_FUNCTION void host_tile_accumulate(Acc const *xs, Acc const *ws, Acc *cs, int rows, int cols, int tk) {
+KOKKOS_INLINE_FUNCTION void host_tile_accumulate(Acc const *xs, Acc const *ws, Acc *cs, int rows, int cols, int tk,
+                                                 bool kmajor = false) {
+  int const ldx = kmajor ? 1 : Shape::TK, ksx = kmajor ? Shape::TM : 1;
   for (int r0 = 0; r0 < rows; r0 += Shape::RM) {
     int const rm = rows - r0 < Shape::RM ? rows - r0 : Shape::RM;
     for (int c0 = 0; c0 < cols; c0 += Shape::RN) {
       int const rn = cols - c0 < Shape::RN ? cols - c0 : Shape::RN;
-      host_micro<Shape::RM, Shape::RN>(xs + r0 * Shape::TK, Shape::TK, ws + c0, Shape::TN, cs + r0 * Shape::TN + c0,
+      host_micro<Shape::RM, Shape::RN>(xs + r0 * ldx, ldx, ksx, ws + c0, Shape::TN, cs + r0 * Shape::TN + c0,
                                        Shape::TN, tk, rm, rn);
     }
   }
