@@ -171,8 +171,9 @@ struct EstmmKernel {
       int const p = p0 + 2 * j;
       bool const two = 2 * j + 1 < tk;
       int const f0 = R.sorted_flat(p), f1 = two ? R.sorted_flat(p + 1) : f0;
-      bfloat16 const *a0 = &a.rows(a.row(p, f0, k), m0), *a1 = &a.rows(a.row(p + 1, f1, k), m0);
-      bfloat16 const *b0 = &b.rows(b.row(p, f0, k), n0), *b1 = &b.rows(b.row(p + 1, f1, k), n0);
+      // Without a second position the first stands in for it (read, then masked to zero).
+      bfloat16 const *a0 = &a.rows(a.row(p, f0, k), m0), *a1 = two ? &a.rows(a.row(p + 1, f1, k), m0) : a0;
+      bfloat16 const *b0 = &b.rows(b.row(p, f0, k), n0), *b1 = two ? &b.rows(b.row(p + 1, f1, k), n0) : b0;
       std::uint32_t const hi = two ? 0xFFFFu : 0u;  // the second position's half, or zero
       for (int m = 0; m < rows; ++m)
         xs2[j * TM + m] = std::uint32_t(a0[m].bits) | ((std::uint32_t(a1[m].bits) & hi) << 16);
