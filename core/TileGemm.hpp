@@ -62,7 +62,7 @@ struct TileShape;
 
 template <>
 struct TileShape<true> {
-  static constexpr int TM = 48, TN = 64, TK = 128, RM = 6, RN = 32;
+  static constexpr int TM = 96, TN = 64, TK = 128, RM = 6, RN = 32;
   static constexpr int team_size = 1;
 };
 
