@@ -138,8 +138,11 @@ struct EstmmKernel {
     }
 
     if constexpr (host) {
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < cols; ++c) out(e, m0 + r, n0 + c) = static_cast<TO>(cs[r * Shape::TN + c]);
+      for (int r = 0; r < rows; ++r) {
+        TO *o = &out(e, m0 + r, n0);  // a contiguous run (the loop vectorises)
+        Acc const *v = cs + r * Shape::TN;
+        for (int c = 0; c < cols; ++c) o[c] = static_cast<TO>(v[c]);
+      }
       if (do_bias)
         for (int c = 0; c < cols; ++c) bias_out(e, n0 + c) = static_cast<TO>(bsum[c]);
     } else {

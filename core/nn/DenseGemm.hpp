@@ -101,8 +101,15 @@ struct DenseGemmKernel {
     }
 
     if constexpr (host) {
-      for (int r = 0; r < rows; ++r)
-        for (int q = 0; q < cols; ++q) store(m0 + r, n0 + q, cs[r * Shape::TN + q]);
+      for (int r = 0; r < rows; ++r) {
+        T *o = &c(m0 + r, n0);  // a contiguous run (the loops vectorise)
+        T const *v = cs + r * Shape::TN;
+        if (beta != T(0)) {
+          for (int q = 0; q < cols; ++q) o[q] = alpha * v[q] + beta * o[q];
+        } else {
+          for (int q = 0; q < cols; ++q) o[q] = alpha * v[q];
+        }
+      }
     } else {
       for (int r = 0; r < Shape::RM; ++r) {
         int const rr = tr * Shape::RM + r;
