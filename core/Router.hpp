@@ -345,12 +345,39 @@ class Router {
               Acc *sp = reinterpret_cast<Acc *>(rows + row_pitch * (t - t0));
               int *si = reinterpret_cast<int *>(sp + Ep);
               if (vl == 1) {
-                // One lane (hosts): the logits row as a GEMV, SIMD over the experts
-                // (Wt is contiguous along e there); sums in the order of i.
-                for (int e = 0; e < E; ++e) sp[e] = b(e);
-                for (int i = 0; i < d; ++i) {
-                  Acc const xi = to_acc<Acc>(x(t, i));
-                  for (int e = 0; e < E; ++e) sp[e] += xi * Wt(e, i);
+                if constexpr (host) {
+                  // One lane (hosts): the logits row as a GEMV, SIMD over blocks of
+                  // EB experts (Wt is contiguous along e there and EB-padded), four
+                  // partial sums over i (independent chains of FMAs, in registers)
+                  // added in a fixed order.
+                  T const *xr = &x(t, 0);
+                  std::size_t const ld = Wt.stride(1);
+                  for (int e0 = 0; e0 < E; e0 += EB) {
+                    Acc const *w = &Wt(e0, 0);
+                    Acc acc[4][EB];
+                    for (int u = 0; u < 4; ++u)
+                      for (int q = 0; q < EB; ++q) acc[u][q] = Acc(0);
+                    int i = 0;
+                    for (; i + 4 <= d; i += 4)
+                      for (int u = 0; u < 4; ++u) {
+                        Acc const xi = to_acc<Acc>(xr[i + u]);
+                        Acc const *wi = w + (i + u) * ld;
+                        for (int q = 0; q < EB; ++q) acc[u][q] += xi * wi[q];
+                      }
+                    for (; i < d; ++i) {
+                      Acc const xi = to_acc<Acc>(xr[i]);
+                      Acc const *wi = w + i * ld;
+                      for (int q = 0; q < EB; ++q) acc[0][q] += xi * wi[q];
+                    }
+                    for (int q = 0; q < EB && e0 + q < E; ++q)
+                      sp[e0 + q] = b(e0 + q) + ((acc[0][q] + acc[1][q]) + (acc[2][q] + acc[3][q]));
+                  }
+                } else {
+                  for (int e = 0; e < E; ++e) sp[e] = b(e);
+                  for (int i = 0; i < d; ++i) {
+                    Acc const xi = to_acc<Acc>(x(t, i));
+                    for (int e = 0; e < E; ++e) sp[e] += xi * Wt(e, i);
+                  }
                 }
               } else {
                 // Lanes along d (coalesced rows of x), EB experts per reduction.
