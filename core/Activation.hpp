@@ -62,7 +62,7 @@ KOKKOS_INLINE_FUNCTION Acc activate_grad(Activation a, Acc z) {
 // over a row of n accumulators, with float32 exp and erf that vectorise
 // (nn/HostMath.hpp; relative error below 3e-7) instead of libm's scalar calls.
 template <class Acc>
-inline void activate_row(Activation a, Acc *v, int n) {
+KOKKOS_INLINE_FUNCTION void activate_row(Activation a, Acc *v, int n) {
   switch (a) {
     case Activation::gelu:
       for (int i = 0; i < n; ++i) v[i] = nn::gelu<true>(v[i]);
@@ -78,7 +78,7 @@ inline void activate_row(Activation a, Acc *v, int n) {
 }
 // v[i] *= act'(z[i]) (z: storage values, converted).
 template <class Acc, class TZ>
-inline void activate_grad_row(Activation a, Acc *v, TZ const *z, int n) {
+KOKKOS_INLINE_FUNCTION void activate_grad_row(Activation a, Acc *v, TZ const *z, int n) {
   switch (a) {
     case Activation::gelu:
       for (int i = 0; i < n; ++i) v[i] *= nn::gelu_grad<true>(static_cast<Acc>(z[i]));

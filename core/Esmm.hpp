@@ -228,7 +228,7 @@ struct EsmmKernel {
   // The epilogue on the host, a row of the tile at a time: each step a loop
   // over the row that the compiler vectorises (the activation through
   // activate_row's float32 exp and erf).
-  void host_epilogue(int e, int p0, int rows, int c0, int cols, int k, Acc *cs) const {
+  KOKKOS_INLINE_FUNCTION void host_epilogue(int e, int p0, int rows, int c0, int cols, int k, Acc *cs) const {
     for (int r = 0; r < rows; ++r) {
       int const p = p0 + r;
       Acc *v = cs + r * Shape::TN;
