@@ -329,6 +329,7 @@ def report(ours_path, peers_path, cmd_ours, cmd_peers):
         s = by_name.get(cfg)
         if s is None:
             continue
+        s = dict(s, T=r["tokens"])  # the token count that ran (--token-scale)
         p = peers.get((cfg, dt), {})
         esize = 2 if dt == "bfloat16" else 4
         cells = []
