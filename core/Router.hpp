@@ -345,7 +345,7 @@ class Router {
               Acc *sp = reinterpret_cast<Acc *>(rows + row_pitch * (t - t0));
               int *si = reinterpret_cast<int *>(sp + Ep);
               if (vl == 1) {
-                if constexpr (host) {
+                if (host) {  // (not if constexpr: CUDA's lambdas may not first-capture in one)
                   // One lane (hosts): the logits row as a GEMV, SIMD over blocks of
                   // EB experts (Wt is contiguous along e there and EB-padded), four
                   // partial sums over i (independent chains of FMAs, in registers)
