@@ -104,9 +104,14 @@ struct EsmmKernel {
       team.team_barrier();
 #if defined(HEXAMOE_HOST_BF16_DOT)
       if constexpr (bf16_dot) {
-        stage_bf16_pairs(xs, ws, we, p0, rows, c0, cols, k0, tk, k);
-        host_tile_accumulate_bf16<Shape>(reinterpret_cast<std::uint32_t const *>(xs),
-                                         reinterpret_cast<std::uint32_t const *>(ws), cs, rows, (tk + 1) / 2);
+        // X rows read in place (no staged copy), W staged as pairs.
+        std::uint16_t const *rowp[Shape::TM];
+        for (int r = 0; r < rows; ++r) {
+          int const p = p0 + r;
+          rowp[r] = &x.rows(x.row(p, R.sorted_flat(p), k), k0).bits;
+        }
+        stage_bf16_pairs(ws, we, c0, cols, k0, tk);
+        host_tile_accumulate_bf16_rowp<Shape>(rowp, reinterpret_cast<std::uint32_t const *>(ws), cs, rows, tk);
         continue;
       }
 #endif
@@ -183,24 +188,14 @@ struct EsmmKernel {
   }
 
 #if defined(HEXAMOE_HOST_BF16_DOT)
-  // Stages a chunk as bf16 pairs along k (TileGemm.hpp's host_micro_bf16):
-  // xs2[r][j] = (x[r][2j], x[r][2j+1]), ws2[j][c] = (w[2j][c], w[2j+1][c]),
-  // a zero past an odd tk and zero columns past cols, in the scratch the
-  // float staging uses (half of it).
+  // Stages a chunk of W as bf16 pairs along k (TileGemm.hpp's
+  // host_micro_bf16_rowp): ws2[j][c] = (w[2j][c], w[2j+1][c]), a zero past an
+  // odd tk and zero columns past cols, in the scratch the float staging uses.
   template <class WE>
-  void stage_bf16_pairs(Acc *xs, Acc *ws, WE const &we, int p0, int rows, int c0, int cols, int k0, int tk,
-                        int k) const {
-    constexpr int LX = Shape::TK / 2, TN = Shape::TN;
+  void stage_bf16_pairs(Acc *ws, WE const &we, int c0, int cols, int k0, int tk) const {
+    constexpr int TN = Shape::TN;
     int const tk2 = (tk + 1) / 2;
-    auto *xs2 = reinterpret_cast<std::uint32_t *>(xs);
     auto *ws2 = reinterpret_cast<std::uint32_t *>(ws);
-    for (int r = 0; r < rows; ++r) {
-      int const p = p0 + r;
-      bfloat16 const *src = &x.rows(x.row(p, R.sorted_flat(p), k), k0);
-      std::uint16_t *dst = reinterpret_cast<std::uint16_t *>(xs2 + r * LX);
-      for (int kk = 0; kk < tk; ++kk) dst[kk] = src[kk].bits;
-      if (tk & 1) dst[tk] = 0;
-    }
     if (transpose_w) {
       for (int c = 0; c < cols; ++c) {
         bfloat16 const *src = &we(c0 + c, k0);

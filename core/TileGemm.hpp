@@ -149,6 +149,53 @@ inline void host_micro_bf16_rows(std::uint32_t const *xs2, int ldx, int ksx, std
   }
 }
 
+// As host_micro_bf16 with the left operand read in place: row r's pair j is
+// the two bf16 at rowp[r] + 2j; the last pair of an odd tk holds one element
+// (the other half zero, nothing past it is read).
+template <int R, int NV>
+inline void host_micro_bf16_rowp(std::uint16_t const *const *rowp, std::uint32_t const *ws2, int ldw, float *cs,
+                                 int ldc, int tk) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(cs + r * ldc + 16 * v);
+  int const full = tk / 2;
+  for (int j = 0; j <= full; ++j) {
+    if (j == full && !(tk & 1)) break;
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(ws2 + j * ldw + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      std::uint32_t u = rowp[r][2 * j];
+      if (j < full) std::memcpy(&u, rowp[r] + 2 * j, sizeof u);
+      __m512bh const a = (__m512bh)_mm512_set1_epi32(static_cast<int>(u));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(cs + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int RM, int NV>
+inline void host_micro_bf16_rowp_rows(std::uint16_t const *const *rowp, std::uint32_t const *ws2, int ldw, float *cs,
+                                      int ldc, int tk, int rm) {
+  if constexpr (RM > 0) {
+    if (rm == RM) return host_micro_bf16_rowp<RM, NV>(rowp, ws2, ldw, cs, ldc, tk);
+    host_micro_bf16_rowp_rows<RM - 1, NV>(rowp, ws2, ldw, cs, ldc, tk, rm);
+  }
+}
+
+// A host tile's valid rows for one chunk of tk elements of k, rows read in
+// place through rowp (ws2 staged as pairs, zero columns past the valid extent).
+template <class Shape>
+inline void host_tile_accumulate_bf16_rowp(std::uint16_t const *const *rowp, std::uint32_t const *ws2, float *cs,
+                                           int rows, int tk) {
+  constexpr int RB = 6;
+  for (int r0 = 0; r0 < rows; r0 += RB) {
+    int const rm = rows - r0 < RB ? rows - r0 : RB;
+    for (int c0 = 0; c0 < Shape::TN; c0 += 64)
+      host_micro_bf16_rowp_rows<RB, 4>(rowp + r0, ws2 + c0, Shape::TN, cs + r0 * Shape::TN + c0, Shape::TN, tk, rm);
+  }
+}
+
 // The valid rows of a host tile for one staged chunk of tk2 pairs, over the
 // tile's full width (staged columns past the valid extent hold zeros); xs2
 // row-major [TM][TK / 2], or k-major [TK / 2][TM].
