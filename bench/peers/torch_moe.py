@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The PyTorch MoE layers that hexamoe is measured against, timed on one GPU.
+"""The PyTorch MoE layers that hexamoe is measured against, timed on one GPU (or the CPU).
 
 Each peer computes the same layer as `hexamoe bench` (core/MoeLayer.hpp):
 
@@ -16,6 +16,9 @@ expert part done three ways:
   grouped  MegaBlocks/torchtitan: sort, torch._grouped_mm (bf16 only)
 
 --no-router times the expert part alone (routing computed once, outside).
+--device cpu runs them on the host (--threads N: torch.set_num_threads; set
+OPENBLAS_NUM_THREADS alike): wall-clock medians, no peak memory (PyTorch does
+not count host allocations), the roofline from 2048^3 matmuls.
 
 Method: inputs are random (never zeros); times are the median of --reps runs
 after --warmup runs, measured with CUDA events; peak extra memory is
