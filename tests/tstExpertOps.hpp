@@ -166,10 +166,13 @@ void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
   expect_within<T>(test::from_view(post_only), rpost, abssum, K, 1.2, "esmm post-activation without pre");
 }
 
-// Backward shape: sorted rows (z-like [S, K]) times W^T ([E, N, K] read as
-// [E, K, N]^T... here W is [E, K, N] so W^T maps N -> K), then times act'(z).
+// Backward shape: rows times W^T (W is [E, K, N], so W^T maps N -> K), then
+// times act'(z). The rows are sorted rows [S, N] (z-like), or with gated the
+// layer's dz1 operand: token rows of dy scaled by the gates (g dy, read
+// through the index), out[p] = (g_p dy[t_p] W^T) act'(z_p).
 template <class T>
-void run_esmm_transposed_actgrad(Shape sh, unsigned seed) {
+void run_esmm_transposed_actgrad(Shape sh, unsigned seed, bool gated = false) {
+  using Acc = accumulator_t<T>;
   Problem<T> P(sh, seed);
   int const S = P.S(), K = sh.K, N = sh.N;
   std::mt19937 rng(seed + 100);
@@ -183,46 +186,9 @@ void run_esmm_transposed_actgrad(Shape sh, unsigned seed) {
   ep.act = Activation::gelu;
   ep.act_grad_of = zs_d;
   ep.pre = out;
-  esmm(Space(), P.R, sorted_rows(V2<T const>(xs_d)), V3<T const>(P.w_d), true, V2<T const>(), ep);
-  Vec got = test::from_view(out), ref(got.size()), abssum(got.size());
-  Vec zr = test::rounded<T>(zs);
-  for (int p = 0; p < S; ++p) {
-    int const f = test::from_view(Kokkos::subview(P.R.sorted_flat, std::make_pair(p, p + 1)))[0];
-    int const e = P.ids[f];
-    for (int kk = 0; kk < K; ++kk) {
-      double v = 0, a = 0;
-      for (int n = 0; n < N; ++n) {
-        v += xs[std::size_t(p) * N + n] * P.W(e, kk, n);
-        a += std::fabs(xs[std::size_t(p) * N + n] * P.W(e, kk, n));
-      }
-      double const zz = zr[std::size_t(p) * K + kk];
-      double const d = 0.5 * (1 + std::erf(zz / std::sqrt(2.0))) + zz * std::exp(-0.5 * zz * zz) / std::sqrt(2 * M_PI);
-      ref[std::size_t(p) * K + kk] = v * d;
-      // act' (terms of size <= 1) is evaluated in Acc: its absolute error counts against |v|.
-      abssum[std::size_t(p) * K + kk] = a * std::fabs(d) + std::fabs(v);
-    }
-  }
-  expect_within<T>(got, ref, abssum, N, 1.0, "esmm transposed x act'");
-}
-
-// The layer's dz1: ESMM of gate-scaled token rows (g dy, read through the
-// index) with W read transposed, times act'(z): out[p] = (g_p dy[t_p] W^T) act'(z_p).
-template <class T>
-void run_esmm_gated(Shape sh, unsigned seed) {
-  using Acc = accumulator_t<T>;
-  Problem<T> P(sh, seed);
-  int const S = P.S(), K = sh.K, N = sh.N;
-  std::mt19937 rng(seed + 200);
-  Vec zs = test::random_vec(std::size_t(S) * K, rng);
-  V2<T> zs_d = test::to_view<T>(zs, V2<T>("zs", S, K));
-  V2<T> out("out", S, K);
-  test::poison<T>(out);
-  EsmmEpilogue<T, Mem> ep;
-  ep.act = Activation::gelu;
-  ep.act_grad_of = zs_d;
-  ep.pre = out;
-  auto const gdy = gated_token_rows(V2<T const>(P.dy_d), Kokkos::View<Acc const *, Mem>(P.g_d));
-  esmm(Space(), P.R, gdy, V3<T const>(P.w_d), true, V2<T const>(), ep);
+  auto const rows = gated ? gated_token_rows(V2<T const>(P.dy_d), Kokkos::View<Acc const *, Mem>(P.g_d))
+                          : sorted_rows(V2<T const>(xs_d));
+  esmm(Space(), P.R, rows, V3<T const>(P.w_d), true, V2<T const>(), ep);
   Vec got = test::from_view(out), ref(got.size()), abssum(got.size());
   Vec zr = test::rounded<T>(zs);
   for (int p = 0; p < S; ++p) {
@@ -231,17 +197,18 @@ void run_esmm_gated(Shape sh, unsigned seed) {
     for (int kk = 0; kk < K; ++kk) {
       double v = 0, a = 0;
       for (int n = 0; n < N; ++n) {
-        double const gd = P.g[f] * P.dy[std::size_t(t) * N + n];
-        v += gd * P.W(e, kk, n);
-        a += std::fabs(gd * P.W(e, kk, n));
+        double const xv = gated ? P.g[f] * P.dy[std::size_t(t) * N + n] : xs[std::size_t(p) * N + n];
+        v += xv * P.W(e, kk, n);
+        a += std::fabs(xv * P.W(e, kk, n));
       }
       double const zz = zr[std::size_t(p) * K + kk];
       double const d = 0.5 * (1 + std::erf(zz / std::sqrt(2.0))) + zz * std::exp(-0.5 * zz * zz) / std::sqrt(2 * M_PI);
       ref[std::size_t(p) * K + kk] = v * d;
+      // act' (terms of size <= 1) is evaluated in Acc: its absolute error counts against |v|.
       abssum[std::size_t(p) * K + kk] = a * std::fabs(d) + std::fabs(v);
     }
   }
-  expect_within<T>(got, ref, abssum, N, 1.0, "esmm gated rows, transposed, x act'");
+  expect_within<T>(got, ref, abssum, N, 1.0, gated ? "esmm gated rows, transposed, x act'" : "esmm transposed x act'");
 }
 
 // Top-1 fused combine: y[t] = g[t] * act(x[t] W[e_t] + b[e_t]), each row written once.
@@ -346,7 +313,7 @@ void run_all(char const *name) {
     run_esmm_forward<T>(sh, Activation::gelu, seed++);
     run_esmm_forward<T>(sh, Activation::silu, seed++);
     run_esmm_transposed_actgrad<T>(sh, seed++);
-    run_esmm_gated<T>(sh, seed++);
+    run_esmm_transposed_actgrad<T>(sh, seed++, /*gated=*/true);
     run_esmm_token_out<T>(sh, seed++);
     run_estmm<T>(sh, seed++);
     run_estmm<T>(sh, seed++, /*gated=*/false);
