@@ -8,8 +8,9 @@
 // Two paths sit behind one interface:
 // - host backends (Serial, OpenMP, Threads): one thread per team that
 //   accumulates the tile in scratch (cs) with a register-blocked RM x RN
-//   micro-kernel the compiler vectorises; rows and columns past the valid
-//   extent are never computed;
+//   micro-kernel the compiler vectorises (bf16 operands on CPUs with
+//   AVX512-BF16: pairs along k on vdpbf16ps, host_micro_bf16 below); rows
+//   and columns past the valid extent are never computed;
 // - device backends (CUDA, HIP, SYCL): (TM/RM) x (TN/RN) threads, each holding
 //   an RM x RN block of accumulators in registers for the whole reduction.
 //
