@@ -851,8 +851,11 @@ TEST(Parallel, LayerBenchChecksOutputAgainstFloat64) {
 // The bound hexamoe bench checks against free memory before it runs
 // (bench::layer_bench_need) against the peak each row allocates (Kokkos'
 // allocation callbacks, the rows' peak_MiB): never above it, and not a
-// vacuous bound either.
+// vacuous bound either: within 0.8 of it on host backends, 0.5 on devices,
+// whose split-K partial sums and router partials it does not count (measured
+// on H200: 0.59 to 0.74 for ours, 0.999 for the padded rows).
 TEST(Parallel, LayerBenchNeedIsALowerBoundOfItsRows) {
+  bool const host = Kokkos::SpaceAccessibility<Kokkos::DefaultExecutionSpace, Kokkos::HostSpace>::accessible;
   for (std::string const shape : {"swinS-s3-top1", "swinS-s3-top2"}) {
     for (std::string const row : {"float32", "bfloat16", "padded"}) {
       bench::BenchOptions o;
@@ -871,7 +874,7 @@ TEST(Parallel, LayerBenchNeedIsALowerBoundOfItsRows) {
       ASSERT_NE(p, std::string::npos) << out.str();
       double const peak = std::stod(out.str().substr(p + 12)) * (1 << 20);
       EXPECT_LE(need, peak * (1 + 1e-5)) << shape << " " << row;
-      EXPECT_GE(need, 0.8 * peak) << shape << " " << row;
+      EXPECT_GE(need, (host ? 0.8 : 0.5) * peak) << shape << " " << row;
       std::printf("# %s %s: bound %.4g of peak %.4g bytes (%.3f)\n", shape.c_str(), row.c_str(), need, peak, need / peak);
     }
   }
