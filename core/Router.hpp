@@ -9,9 +9,9 @@
 // Backward turns dL/dg (from the experts) and both losses into dlogits, then
 // into dWr, dbr and the router's share of dx.
 //
-// On CUDA (bf16 and float32 storage, at most 64 experts) HEXAMOE_ROUTER_MMA=1
-// makes the forward one tensor-core kernel with the statistics and losses fused
-// (RouterMma.hpp; opt-in until measured on a GPU).
+// On CUDA (bf16 and float32 storage, at most 64 experts) the forward is one
+// tensor-core kernel with the statistics and losses fused (RouterMma.hpp;
+// HEXAMOE_ROUTER_MMA=0 selects the kernels below instead).
 // Elsewhere kernels are hierarchical (team threads x vector lanes; one thread and one
 // lane per team on hosts, warp-wide vectors on GPUs, see RouterShape). Logits:
 // a thread per token, vector-lane reductions over d (coalesced rows of x)

@@ -471,8 +471,8 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
 }
 
 TEST(MoeLayer, RouterMmaSwitchRejectsUnknownValues) {
-  EXPECT_FALSE(detail::parse_router_mma(nullptr));
-  EXPECT_FALSE(detail::parse_router_mma(""));
+  EXPECT_TRUE(detail::parse_router_mma(nullptr));  // on by default
+  EXPECT_TRUE(detail::parse_router_mma(""));
   EXPECT_TRUE(detail::parse_router_mma("1"));
   EXPECT_FALSE(detail::parse_router_mma("0"));
   try {
