@@ -193,7 +193,7 @@ class MoeLayer {
       auto dg = dgate_;
       auto pos = R.position;
       int const d = cfg_.dim;
-      constexpr bool host = Kokkos::SpaceAccessibility<ExecutionSpace, Kokkos::HostSpace>::accessible;
+      constexpr bool host = detail::runs_on_host<ExecutionSpace>;
       int const ts = host ? 1 : 8, vl = host ? 1 : 32;
       using policy = Kokkos::TeamPolicy<ExecutionSpace>;
       using member = typename policy::member_type;
