@@ -150,8 +150,10 @@ int run(int argc, char **argv) {
   }
 
   try {
-    // The environment's float32 GEMM choice is read once; a bad value stops here, on every rank.
+    // The environment's kernel choices are read once; a bad value stops here, on every rank.
     (void)detail::dev::float32_math();
+    (void)detail::dev::async_copy_setting();
+    (void)detail::router_mma_env();
     if (*check_cmd) {
       Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       int n = 1;

@@ -206,7 +206,7 @@ struct EstmmDeviceKernel {
 
   Base k;
   bool vec_a, vec_b;
-  bool async;  // asynchronous copies allowed (dev::async_copies())
+  bool async;  // asynchronous copies allowed (dev::async_copies_for)
   // Split of each expert's positions into `splits` consecutive ranges (so
   // that few, long tiles still fill the device): range 0 writes out and
   // bias_out, range s > 0 its partial sums to part (s - 1), which
@@ -214,10 +214,20 @@ struct EstmmDeviceKernel {
   int splits;
   Kokkos::View<float *, MemorySpace> part;
 
-  static constexpr bool async_ok = mma_bf16 && !Scaled;  // operands copied as they are stored
-  static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * dev::PKH * BM * sizeof(bfloat16) + 128;
+  // bf16 operands copied as they are stored (a gate-scaled B is scaled and
+  // split as its fragments are read, its stage's scales beside the stages).
+  static constexpr bool async_ok = mma_bf16;
+  static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * dev::PKH * BM * sizeof(bfloat16) +
+                                             (Scaled ? std::size_t(dev::PSH) * dev::PKH * sizeof(float) : 0) + 128;
+  // float32 on the tensor cores: asynchronous copies of PSF stages of PKF
+  // positions (rows as stored, swizzled), the row scales beside them.
+  static constexpr bool async_f32 = M == dev::Math::tf32x3_mma || M == dev::Math::tf32_mma;
+  static constexpr std::size_t async_f32_bytes =
+      std::size_t(dev::PSF) * 2 * dev::PKF * (BM + (Scaled ? 1 : 0)) * sizeof(float) + 128;
   KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() {
-    return async_ok && async_bytes > dev::scratch_bytes<M>(BK, lo) ? async_bytes : dev::scratch_bytes<M>(BK, lo);
+    return async_ok && async_bytes > dev::scratch_bytes<M>(BK, lo)           ? async_bytes
+           : async_f32 && async_f32_bytes > dev::scratch_bytes<M>(BK, lo) ? async_f32_bytes
+                                                                            : dev::scratch_bytes<M>(BK, lo);
   }
 
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
@@ -250,6 +260,8 @@ struct EstmmDeviceKernel {
       } else {
         main_loop_bf16(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
       }
+    } else if (async_f32 && vec_a && vec_b && async) {
+      main_loop_f32_async(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
     } else {
       main_loop_f32(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
     }
@@ -298,9 +310,13 @@ struct EstmmDeviceKernel {
     }
   }
 
-  // Unscaled bf16 operands with 16-byte aligned rows: asynchronous copies into
-  // PSH stages of 16 positions (see the ESMM kernel); the flat ids of a stage
-  // are read one stage before its copies are issued.
+  // bf16 operands with 16-byte aligned rows: asynchronous copies into PSH
+  // stages of 16 positions (see the ESMM kernel); the flat ids of a stage are
+  // read one stage before its copies are issued. With Scaled (dW2's g dy,
+  // HEXAMOE_ASYNC_COPY=all) the product of a position's two scales goes beside
+  // its stage and B's fragments are scaled and split into hi + lo as they are
+  // read (dev::mma_k16_bf16_scaled): the same products, in the same order, as
+  // main_loop_bf16 forms from the operands it scales as it stages.
   KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, float (&acc)[8][8],
                                                    float &bsum, bool do_bias, int pbeg, int pend, int m0, int rows,
                                                    int n0, int cols, int tid) const {
@@ -308,6 +324,7 @@ struct EstmmDeviceKernel {
       constexpr int PK = dev::PKH, PS = dev::PSH;
       constexpr unsigned stage_bytes = PK * BM * sizeof(bfloat16);
       bfloat16 const *sBp = smem + PS * PK * BM;  // PS x [PK][BN] (rows p, sw128), after PS x A [PK][BM]
+      float *sS = reinterpret_cast<float *>(smem + 2 * PS * PK * BM);  // PS x [PK] scales (Scaled only)
       unsigned const sA = dev::smem_u32(smem), sB = sA + PS * stage_bytes;
       // This thread copies position row tid / 16 of each stage, 8 columns at
       // 8 (tid % 16) of A and of B.
@@ -324,6 +341,13 @@ struct EstmmDeviceKernel {
         unsigned const off = slot_w * stage_bytes + dst;
         dev::cp_async16_at(sA + off, ap && an > 0 ? static_cast<void const *>(ap) : dummy, ap ? 2 * an : 0);
         dev::cp_async16_at(sB + off, bp && bn > 0 ? static_cast<void const *>(bp) : dummy, bp ? 2 * bn : 0);
+        if constexpr (Scaled) {
+          if ((tid & 15) == 0) {
+            float sa, sb;
+            scales(fl, sa, sb);
+            sS[slot_w * PK + pr] = sa * sb;
+          }
+        }
         p += PK;
         fl = fetch_flat(p, pend);
         slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
@@ -343,11 +367,103 @@ struct EstmmDeviceKernel {
         team.team_barrier();
         if (kt + PS - 1 < nk) issue();
         dev::cp_async_commit();
-        if (active) dev::mma_k16_bf16<true, false>(acc, a_ld, b_ld, slot_r * stage_bytes);
+        if (active) {
+          if constexpr (Scaled) {
+            dev::mma_k16_bf16_scaled(acc, a_ld, b_ld, slot_r * stage_bytes, sS + slot_r * PK, tid);
+          } else {
+            dev::mma_k16_bf16<true, false>(acc, a_ld, b_ld, slot_r * stage_bytes);
+          }
+        }
         if (do_bias && tid < BN) {
           bfloat16 const *sb = sBp + slot_r * (PK * BM);
 HEXAMOE_UNROLL
-          for (int kk = 0; kk < PK; ++kk) bsum += static_cast<float>(sb[dev::sw128(kk, tid)]);
+          for (int kk = 0; kk < PK; ++kk) {
+            if constexpr (Scaled) {  // hi, then lo, as main_loop_bf16 adds them
+              float const x = sS[slot_r * PK + kk] * static_cast<float>(sb[dev::sw128(kk, tid)]);
+              bfloat16 const h(x);
+              bsum += static_cast<float>(h);
+              bsum += static_cast<float>(bfloat16(x - static_cast<float>(h)));
+            } else {
+              bsum += static_cast<float>(sb[dev::sw128(kk, tid)]);
+            }
+          }
+        }
+        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
+      }
+      dev::cp_async_wait<0>();
+    } else {
+      (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
+          (void)n0, (void)cols, (void)tid;
+    }
+  }
+
+  // float32 operands with 16-byte aligned rows on the tensor cores:
+  // asynchronous copies into PSF stages of PKF positions, rows as stored (A's
+  // columns m, B's columns n, swizzled by swf); a gate-scaled operand's scales
+  // are written beside its stage and applied as fragments are read (the same
+  // float products as the register-staged path, which applies them as it
+  // stages), so both paths give the same bits.
+  KOKKOS_INLINE_FUNCTION void main_loop_f32_async(member_type const &team, float *smem, float (&acc)[8][8],
+                                                  float &bsum, bool do_bias, int pbeg, int pend, int m0, int rows,
+                                                  int n0, int cols, int tid) const {
+    if constexpr (async_f32) {
+      constexpr int PK = dev::PKF, PS = dev::PSF;
+      constexpr int tile = PK * BM;  // floats of one operand's stage
+      constexpr unsigned tile_bytes = tile * sizeof(float);
+      float const *sBp = smem + PS * tile;
+      float *sS = smem + 2 * PS * tile;  // PS x {A's scales [PK], B's scales [PK]} (Scaled only)
+      unsigned const sA = dev::smem_u32(smem), sB = sA + PS * tile_bytes;
+      // This thread copies position row tid / 32 of each stage, 4 columns at
+      // 4 (tid % 32) of A and of B.
+      int const pr = tid >> 5, cc = (tid & 31) * 4;
+      int const an = rows - cc < 0 ? 0 : (rows - cc > 4 ? 4 : rows - cc);
+      int const bn = cols - cc < 0 ? 0 : (cols - cc > 4 ? 4 : cols - cc);
+      unsigned const dst = 4u * static_cast<unsigned>(dev::swf(pr, cc));
+      void const *dummy = k.a.rows.data();  // aligned; read for no byte
+      int fl = fetch_flat(pbeg + pr, pend);  // flat id of the next stage's row
+      int p = pbeg + pr, slot_w = 0;
+      auto issue = [&]() {
+        TA const *ap = row_ptr(k.a, p, fl, m0 + cc);
+        TB const *bp = row_ptr(k.b, p, fl, n0 + cc);
+        unsigned const off = slot_w * tile_bytes + dst;
+        dev::cp_async16_at(sA + off, ap && an > 0 ? static_cast<void const *>(ap) : dummy, ap ? 4 * an : 0);
+        dev::cp_async16_at(sB + off, bp && bn > 0 ? static_cast<void const *>(bp) : dummy, bp ? 4 * bn : 0);
+        if constexpr (Scaled) {
+          if ((tid & 31) == 0) {
+            float sa, sb;
+            scales(fl, sa, sb);
+            sS[slot_w * 2 * PK + pr] = sa;
+            sS[slot_w * 2 * PK + PK + pr] = sb;
+          }
+        }
+        p += PK;
+        fl = fetch_flat(p, pend);
+        slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
+      };
+      int const nk = (pend - pbeg + PK - 1) / PK;
+      for (int s = 0; s < PS - 1; ++s) {
+        if (s < nk) issue();
+        dev::cp_async_commit();
+      }
+      int slot_r = 0;
+      for (int kt = 0; kt < nk; ++kt) {
+        dev::cp_async_wait<PS - 2>();
+        team.team_barrier();  // stage kt is in; every warp is done with stage kt - 1's slot
+        if (kt + PS - 1 < nk) issue();
+        dev::cp_async_commit();
+        float const *a = smem + slot_r * tile, *b = sBp + slot_r * tile;
+        float const *ssa = sS + slot_r * 2 * PK, *ssb = ssa + PK;
+        dev::step_f32_sw<M, Scaled>(acc, a, b, ssa, ssb, tid);
+        if (do_bias && tid < BN) {
+HEXAMOE_UNROLL
+          for (int kk = 0; kk < PK; ++kk) {
+            float const v = b[dev::swf(kk, tid)];
+            if constexpr (Scaled) {
+              bsum += v * ssb[kk];
+            } else {
+              bsum += v;
+            }
+          }
         }
         slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
       }
@@ -593,10 +709,10 @@ void launch_estmm_device(ExecutionSpace const &space, EstmmKernel<ExecutionSpace
     Kokkos::parallel_for(dev::kernel_label("hexamoe::estmm", M, scaled ? ", gated" : ""), policy, kernel);
   };
   if (scaled) {
-    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, true>{b, vec_a, vec_b, dev::async_copies(),
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, true>{b, vec_a, vec_b, dev::async_copies_for(M, true),
                                                                              splits, part});
   } else {
-    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, false>{b, vec_a, vec_b, dev::async_copies(),
+    run(EstmmDeviceKernel<ExecutionSpace, TA, TB, TO, MemorySpace, M, false>{b, vec_a, vec_b, dev::async_copies_for(M, false),
                                                                               splits, part});
   }
   if (splits > 1)

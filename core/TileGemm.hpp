@@ -392,6 +392,7 @@ constexpr int BKF = 16, LDF = BM + 8;        // float scratch: k step, row pitch
 constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM (register-staged)
 constexpr int PKH = 16, PSH = 5;             // bf16 ESMM with asynchronous copies: k step, stages
 constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
+constexpr int PKF = 8, PSF = 5;              // float ESTMM with asynchronous copies: k step, stages
 
 // 16 bytes of operand data in registers.
 struct alignas(16) Vec16 {
@@ -604,15 +605,38 @@ KOKKOS_INLINE_FUNCTION Float4 load_cg(float const *p) {
 
 // --- asynchronous copies (CUDA sm_80+) ----------------------------------------
 
-// Whether the bf16 expert kernels may stage operands with asynchronous copies
-// (default yes; HEXAMOE_ASYNC_COPY=0 in the environment selects the
-// register-staged double buffer, for comparison and diagnosis).
-inline bool &async_copies() {
-  static bool on = [] {
-    char const *v = std::getenv("HEXAMOE_ASYNC_COPY");
-    return v == nullptr || v[0] != '0';
-  }();
-  return on;
+// Which operands of the expert kernels on CUDA travel to team scratch by
+// asynchronous copies (cp.async, sm_80 and later) where their rows are 16-byte
+// aligned, instead of through registers into a double buffer
+// (HEXAMOE_ASYNC_COPY in the environment, read once):
+// - "1" or unset (default): bf16 operands as stored;
+// - "all": also float32 operands on the tensor cores (3xtf32, tf32; ESMM and
+//   ESTMM) and the gate-scaled bf16 operand of ESTMM (dW2's g dy), whose row
+//   scales apply as fragments are read (the same float products and the same
+//   order of tensor-core products as the register path, so the same bits).
+//   Off by default until it has been timed against the default on a GPU
+//   (docs/PERFORMANCE.md);
+// - "0": none (for comparison and diagnosis).
+// Other values are an error that names them.
+enum class AsyncCopies { none, stored_bf16, all };
+
+inline AsyncCopies parse_async_copies(char const *v) {
+  std::string const s = v == nullptr ? "" : v;
+  if (s.empty() || s == "1") return AsyncCopies::stored_bf16;
+  if (s == "0") return AsyncCopies::none;
+  if (s == "all") return AsyncCopies::all;
+  throw std::invalid_argument("HEXAMOE_ASYNC_COPY='" + s + "' is not 0, 1 or all");
+}
+inline AsyncCopies &async_copy_setting() {
+  static AsyncCopies a = parse_async_copies(std::getenv("HEXAMOE_ASYNC_COPY"));
+  return a;
+}
+inline bool async_copies() { return async_copy_setting() != AsyncCopies::none; }
+// Whether a kernel of arithmetic m (with a gate-scaled operand: gated) may
+// stage with asynchronous copies.
+inline bool async_copies_for(Math m, bool gated) {
+  AsyncCopies const a = async_copy_setting();
+  return a == AsyncCopies::all || (a == AsyncCopies::stored_bf16 && m == Math::bf16_mma && !gated);
 }
 
 KOKKOS_INLINE_FUNCTION void cp_async_commit() {
@@ -837,6 +861,54 @@ HEXAMOE_UNROLL
                a[mi], b[ni][0], b[ni][1]);
 }
 
+// Two bf16 (a register of a B fragment: rows k and k + 1 of one column, k in
+// the low half) scaled by their rows' scales s0, s1 in float and split into
+// bf16 hi + lo, as scale_split does (hi = bf16(s x), lo = bf16(s x - hi),
+// both rounded to nearest even).
+KOKKOS_INLINE_FUNCTION void scale_split_pair(unsigned r, float s0, float s1, unsigned &hi, unsigned &lo) {
+  float const x0 = s0 * bfloat16::to_float(static_cast<std::uint16_t>(r & 0xffffu));
+  float const x1 = s1 * bfloat16::to_float(static_cast<std::uint16_t>(r >> 16));
+  hi = pack_bf16x2(x0, x1);
+  lo = pack_bf16x2(x0 - bfloat16::to_float(static_cast<std::uint16_t>(hi & 0xffffu)),
+                   x1 - bfloat16::to_float(static_cast<std::uint16_t>(hi >> 16)));
+}
+
+// mma_k16_bf16 for ESTMM's layouts (A [16][BM] rows k, B [16][BN] rows k)
+// with B's rows scaled: row k by s[k] (the stage's 16 scales), each product
+// split into bf16 hi + lo and both multiplied by the same A fragments, all
+// hi products first, as mma_step_bf16 with LO does on the register-staged
+// path. Lane 4 g + t holds rows 2t, 2t + 1 (fragment registers 0) and
+// 2t + 8, 2t + 9 (registers 1) of B.
+KOKKOS_INLINE_FUNCTION void mma_k16_bf16_scaled(float (&acc)[8][8], unsigned const (&a_ld)[4],
+                                                unsigned const (&b_ld)[2], unsigned off, float const *s, int tid) {
+  unsigned a[4][4], bh[4][2], bl[4][2];
+HEXAMOE_UNROLL
+  for (int mi = 0; mi < 4; ++mi) ldsm_x4_at<true>(a[mi], a_ld[mi] + off);
+  int const t = tid & 3;
+  float const s0 = s[2 * t], s1 = s[2 * t + 1], s8 = s[2 * t + 8], s9 = s[2 * t + 9];
+HEXAMOE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    unsigned r[4];
+    ldsm_x4_at<true>(r, b_ld[h] + off);
+    scale_split_pair(r[0], s0, s1, bh[2 * h][0], bl[2 * h][0]);
+    scale_split_pair(r[1], s8, s9, bh[2 * h][1], bl[2 * h][1]);
+    scale_split_pair(r[2], s0, s1, bh[2 * h + 1][0], bl[2 * h + 1][0]);
+    scale_split_pair(r[3], s8, s9, bh[2 * h + 1][1], bl[2 * h + 1][1]);
+  }
+HEXAMOE_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+HEXAMOE_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      mma_bf16(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+               a[mi], bh[ni][0], bh[ni][1]);
+HEXAMOE_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+HEXAMOE_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+      mma_bf16(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+               a[mi], bl[ni][0], bl[ni][1]);
+}
+
 // This thread's ldmatrix addresses for mma_k16_bf16 (stage 0; sA, sB the
 // shared-state addresses of the A and B tiles).
 template <bool A_KM, bool B_NK>
@@ -942,6 +1014,93 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
       }
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+}
+
+// Float scratch of asynchronous copies: rows of 128 floats (no padding), the
+// 16-byte chunks of row r at column c ^ 8 (r & 3), so that the fragment reads
+// of a k step (rows t and t + 4, columns g + 8 j) hit 32 distinct banks.
+KOKKOS_INLINE_FUNCTION int swf(int r, int c) { return r * 128 + (c ^ ((r & 3) << 3)); }
+// Rows of 8 floats (two 16-byte chunks), the chunks of rows 4..7 of every 8
+// swapped, so that the fragment reads (rows g + 8 j, columns t and t + 4)
+// hit 32 distinct banks.
+KOKKOS_INLINE_FUNCTION int swf8(int r, int c) { return r * 8 + ((((c >> 2) ^ (r >> 2)) & 1) << 2) + (c & 3); }
+
+// One k step of 8 from swizzled float scratch: A as [8][128] (rows k,
+// columns m, swf) or with A_MK as [128][8] (rows m, swf8); B as [8][128]
+// (rows k, columns n, swf) or with B_NK as [128][8] (rows n, swf8). With
+// Scaled, each row k of A and of B is multiplied by its scale (sa[k], sb[k])
+// as it is read, in float, as the register-staged path multiplies it as it
+// stages. tf32 tensor cores (rounded to tf32 as read) or 3xtf32 with the
+// block sums of step_f32, so the results equal step_f32's bit for bit.
+template <Math M, bool Scaled, bool A_MK = false, bool B_NK = false>
+KOKKOS_INLINE_FUNCTION void step_f32_sw(float (&acc)[8][8], float const *sA, float const *sB, float const *sa,
+                                        float const *sb, int tid) {
+  static_assert(M == Math::tf32_mma || M == Math::tf32x3_mma, "step_f32_sw: tensor-core float32 only");
+  int const lane = tid & 31, warp = tid >> 5;
+  int const g = lane >> 2, t = lane & 3;
+  int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+  // Element (k, m) of A and (k, n) of B in scratch. This lane's fragments
+  // (PTX m16n8k8 tf32): A (m, k) at (g, t), (g + 8, t), (g, t + 4),
+  // (g + 8, t + 4) of each 16-row block; B (k, n) at (t, g), (t + 4, g).
+  auto ia = [](int kk, int m) { return A_MK ? swf8(m, kk) : swf(kk, m); };
+  auto ib = [](int kk, int n) { return B_NK ? swf8(n, kk) : swf(kk, n); };
+  float sb0 = 1.f, sb1 = 1.f, sa0 = 1.f, sa1 = 1.f;
+  if constexpr (Scaled) {
+    sa0 = sa[t], sa1 = sa[t + 4];
+    sb0 = sb[t], sb1 = sb[t + 4];
+  }
+  auto rd = [](float const *tile, int i, float s) {
+    if constexpr (Scaled) {
+      return tile[i] * s;
+    } else {
+      (void)s;
+      return tile[i];
+    }
+  };
+  if constexpr (M == Math::tf32_mma) {
+    unsigned a[4][4], b[4][2];
+    for (int mi = 0; mi < 4; ++mi) {
+      int const m = wm0 + mi * 16 + g;
+      a[mi][0] = float_bits(to_tf32(rd(sA, ia(t, m), sa0)));
+      a[mi][1] = float_bits(to_tf32(rd(sA, ia(t, m + 8), sa0)));
+      a[mi][2] = float_bits(to_tf32(rd(sA, ia(t + 4, m), sa1)));
+      a[mi][3] = float_bits(to_tf32(rd(sA, ia(t + 4, m + 8), sa1)));
+    }
+    for (int ni = 0; ni < 4; ++ni) {
+      int const n = wn0 + ni * 8 + g;
+      b[ni][0] = float_bits(to_tf32(rd(sB, ib(t, n), sb0)));
+      b[ni][1] = float_bits(to_tf32(rd(sB, ib(t + 4, n), sb1)));
+    }
+    for (int mi = 0; mi < 4; ++mi)
+      for (int ni = 0; ni < 4; ++ni)
+        mma_tf32(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
+                 a[mi], b[ni][0], b[ni][1]);
+  } else {
+    unsigned bh[4][2], bl[4][2];
+    for (int ni = 0; ni < 4; ++ni) {
+      int const n = wn0 + ni * 8 + g;
+      split_tf32(rd(sB, ib(t, n), sb0), bh[ni][0], bl[ni][0]);
+      split_tf32(rd(sB, ib(t + 4, n), sb1), bh[ni][1], bl[ni][1]);
+    }
+    for (int mi = 0; mi < 4; ++mi) {
+      int const m = wm0 + mi * 16 + g;
+      unsigned ah[4], al[4];
+      split_tf32(rd(sA, ia(t, m), sa0), ah[0], al[0]);
+      split_tf32(rd(sA, ia(t, m + 8), sa0), ah[1], al[1]);
+      split_tf32(rd(sA, ia(t + 4, m), sa1), ah[2], al[2]);
+      split_tf32(rd(sA, ia(t + 4, m + 8), sa1), ah[3], al[3]);
+      float d[4][4];
+      for (int ni = 0; ni < 4; ++ni) mma_tf32_zero(d[ni], al, bh[ni][0], bh[ni][1]);  // small terms first
+      for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bl[ni][0], bl[ni][1]);
+      for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bh[ni][0], bh[ni][1]);
+      for (int ni = 0; ni < 4; ++ni) {
+        acc[2 * mi][2 * ni] += d[ni][0];
+        acc[2 * mi][2 * ni + 1] += d[ni][1];
+        acc[2 * mi + 1][2 * ni] += d[ni][2];
+        acc[2 * mi + 1][2 * ni + 1] += d[ni][3];
+      }
     }
   }
 }

@@ -445,6 +445,139 @@ TEST(ExpertOps, Float32LongReductionStaysNearFloat64) {
   detail::dev::float32_math() = saved;
 }
 
+// HEXAMOE_ASYNC_COPY=all adds asynchronous copies for float32 on the tensor
+// cores (ESMM forward and transposed, ESTMM) and for the gate-scaled bf16
+// ESTMM operand; those kernels multiply the same k blocks in the same order
+// as the register-staged ones (the default for them), so both settings must
+// give the same bits, and the register-staged results meet the float64
+// bounds of the reference tests above. With and without the tail split.
+// (Both settings run the same kernels on backends without tensor cores.)
+template <class T>
+void run_async_matches_staged(unsigned seed) {
+  using Acc = accumulator_t<T>;
+  std::vector<Shape> const cases = {{333, 2, 8, 40, 72, true}, {520, 1, 2, 144, 160, false}, {150, 1, 3, 272, 264, false}};
+  for (auto const &sh : cases) {
+    SCOPED_TRACE("K=" + std::to_string(sh.K) + " N=" + std::to_string(sh.N));
+    Problem<T> P(sh, seed++);
+    int const S = P.S();
+    std::mt19937 rng(seed++);
+    V2<T> zs = test::to_view<T>(test::random_vec(std::size_t(S) * sh.K, rng), V2<T>("zs", S, sh.K));
+    auto gate = Kokkos::View<Acc const *, Mem>(P.g_d);
+    auto run = [&](detail::dev::AsyncCopies async, int slots) {
+      detail::dev::async_copy_setting() = async;
+      detail::dev::tail_slots_override() = slots;
+      V2<T> pre("pre", S, sh.N), post("post", S, sh.N), dz("dz", S, sh.K);
+      V3<Acc> gw("gw", sh.E, sh.K, sh.N), gw2("gw2", sh.E, sh.K, sh.N);
+      V2<Acc> gb("gb", sh.E, sh.N), gb2("gb2", sh.E, sh.N);
+      EsmmEpilogue<T, Mem> ep;
+      ep.act = Activation::gelu;
+      ep.pre = pre;
+      ep.post = post;
+      esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep);
+      EsmmEpilogue<T, Mem> et;
+      et.act = Activation::gelu;
+      et.act_grad_of = zs;
+      et.pre = dz;
+      esmm(Space(), P.R, gated_token_rows(V2<T const>(P.dy_d), gate), V3<T const>(P.w_d), true, V2<T const>(), et);
+      estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), gated_token_rows(V2<T const>(P.dy_d), gate), gw, gb);
+      estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), token_rows(V2<T const>(P.dy_d)), gw2, gb2);
+      Vec all;
+      for (Vec const &v : {test::from_view(pre), test::from_view(post), test::from_view(dz), test::from_view(gw),
+                           test::from_view(gb), test::from_view(gw2), test::from_view(gb2)})
+        all.insert(all.end(), v.begin(), v.end());
+      return all;
+    };
+    // Without the tail split, and with 8 and 11 slots, which split the
+    // launches of 9 tiles (K = 272, forward) and 12 tiles (K = 144, 160).
+    for (int slots : {0, 8, 11}) {
+      Vec const staged = run(detail::dev::AsyncCopies::stored_bf16, slots);
+      Vec const async = run(detail::dev::AsyncCopies::all, slots);
+      ASSERT_EQ(staged.size(), async.size());
+      std::size_t diff = 0;
+      for (std::size_t i = 0; i < staged.size(); ++i) diff += std::memcmp(&staged[i], &async[i], sizeof(double)) != 0;
+      EXPECT_EQ(diff, 0u) << "of " << staged.size() << " values differ (slots " << slots << ")";
+    }
+  }
+}
+
+TEST(ExpertOps, AllAsyncCopiesMatchRegisterStaging) {
+  using detail::dev::Float32Math;
+  Float32Math const saved = detail::dev::float32_math();
+  auto const saved_async = detail::dev::async_copy_setting();
+  int const saved_slots = detail::dev::tail_slots_override();
+  std::vector<Float32Math> modes = {saved};
+  if (detail::dev::is_cuda<Space>) modes = {Float32Math::tf32x3, Float32Math::tf32};
+  for (Float32Math const mode : modes) {
+    SCOPED_TRACE(mode == Float32Math::tf32 ? "float (tf32)" : mode == Float32Math::tf32x3 ? "float (tf32x3)" : "float");
+    detail::dev::float32_math() = mode;
+    run_async_matches_staged<float>(41);
+  }
+  {
+    SCOPED_TRACE("bfloat16");
+    run_async_matches_staged<bfloat16>(51);
+  }
+  detail::dev::float32_math() = saved;
+  detail::dev::async_copy_setting() = saved_async;
+  detail::dev::tail_slots_override() = saved_slots;
+}
+
+TEST(ExpertOps, AsyncCopySettingIsChecked) {
+  using detail::dev::AsyncCopies;
+  using detail::dev::parse_async_copies;
+  EXPECT_EQ(parse_async_copies(nullptr), AsyncCopies::stored_bf16);  // the default
+  EXPECT_EQ(parse_async_copies(""), AsyncCopies::stored_bf16);
+  EXPECT_EQ(parse_async_copies("1"), AsyncCopies::stored_bf16);
+  EXPECT_EQ(parse_async_copies("0"), AsyncCopies::none);
+  EXPECT_EQ(parse_async_copies("all"), AsyncCopies::all);
+  try {
+    parse_async_copies("yes");
+    FAIL() << "no error";
+  } catch (std::invalid_argument const &e) {
+    EXPECT_NE(std::string(e.what()).find("HEXAMOE_ASYNC_COPY='yes'"), std::string::npos) << e.what();
+  }
+}
+
+// The scratch layouts of the asynchronous float32 path: each swizzle is a
+// bijection of its tile, keeps every 16-byte chunk of a row contiguous and
+// aligned (what one asynchronous copy writes), and the fragment reads of a
+// warp's k step (PTX m16n8k8 tf32: lane 4 g + t reads rows/columns g and
+// g + 8 at k = t and t + 4) fall in 32 distinct banks, in each layout.
+TEST(ExpertOps, Float32AsyncScratchLayouts) {
+  using detail::dev::swf;
+  using detail::dev::swf8;
+  auto check = [](char const *name, int R, int C, auto const &idx) {
+    std::vector<int> seen(std::size_t(R) * C, 0);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        int const i = idx(r, c);
+        ASSERT_TRUE(i >= 0 && i < R * C) << name << " (" << r << ", " << c << ") -> " << i;
+        ++seen[std::size_t(i)];
+        if (c % 4 == 0) {
+          EXPECT_EQ(i % 4, 0) << name << " chunk (" << r << ", " << c << ") not 16-byte aligned";
+          for (int j = 1; j < 4; ++j) EXPECT_EQ(idx(r, c + j), i + j) << name << " chunk (" << r << ", " << c << ")";
+        }
+      }
+    for (std::size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << name << " index " << i;
+  };
+  check("swf [8][128]", 8, 128, [](int r, int c) { return swf(r, c); });
+  check("swf8 [128][8]", 128, 8, [](int r, int c) { return swf8(r, c); });
+  // Banks of one warp's read of (k, column) for columns base + g (+ 8) and
+  // k = t (+ 4): k-major tiles (swf) and column-major tiles (swf8).
+  for (int base = 0; base < 128; base += 8)
+    for (int dk : {0, 4}) {
+      std::vector<int> km, cm;
+      for (int lane = 0; lane < 32; ++lane) {
+        int const g = lane >> 2, t = lane & 3;
+        km.push_back(swf(t + dk, base + g) % 32);
+        cm.push_back(swf8(base + g, t + dk) % 32);
+      }
+      std::sort(km.begin(), km.end());
+      std::sort(cm.begin(), cm.end());
+      EXPECT_EQ(std::unique(km.begin(), km.end()) - km.begin(), 32) << "swf bank conflict at column " << base;
+      EXPECT_EQ(std::unique(cm.begin(), cm.end()) - cm.begin(), 32) << "swf8 bank conflict at row " << base;
+    }
+}
+
 TEST(ExpertOps, BFloat16AgainstFloat64Reference) { run_all<bfloat16>("bfloat16"); }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
 
