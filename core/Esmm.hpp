@@ -383,10 +383,12 @@ struct EsmmDeviceKernel {
         main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
       }
     } else if (async_f32 && vec_x && vec_w && async) {
-      // (A split tile has K a multiple of 16: its halves meet at the same k
-      // as on the register-staged path.)
+      // A split tile (K a multiple of 16) has its halves meet where the
+      // register-staged path's do, after half of its k steps of BKF (so that
+      // both paths add the same two partial sums).
       int const nk = (k.K + dev::PKF - 1) / dev::PKF;
-      int const ks0 = half == 1 ? nk / 2 : 0, ks1 = half == 0 ? nk / 2 : nk;
+      int const mid = (k.K / BKF) / 2 * (BKF / dev::PKF);
+      int const ks0 = half == 1 ? mid : 0, ks1 = half == 0 ? mid : nk;
       main_loop_f32_async(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid, ks0, ks1);
       if (half >= 0 && !combine_halves(team, reinterpret_cast<int *>(rgate + BM), acc, slot, tid)) return;
     } else {

@@ -392,7 +392,8 @@ constexpr int BKF = 16, LDF = BM + 8;        // float scratch: k step, row pitch
 constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM (register-staged)
 constexpr int PKH = 16, PSH = 5;             // bf16 ESMM with asynchronous copies: k step, stages
 constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
-constexpr int PKF = 8, PSF = 5;              // float ESTMM with asynchronous copies: k step, stages
+constexpr int PKF = 8, PSF = 5;              // float32 with asynchronous copies: k step, stages
+static_assert(BKF % PKF == 0 && PKF == 8, "float32 k steps are whole tensor-core k blocks of 8");
 
 // 16 bytes of operand data in registers.
 struct alignas(16) Vec16 {

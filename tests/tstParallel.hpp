@@ -448,9 +448,12 @@ progress = "off"
 metrics = false
 )";
 
-// A fresh directory, the same on every rank of comm.
+// A fresh directory, the same on every rank of comm; named by backend and
+// rank count, so that the executables of different backends (which ctest may
+// run at the same time) never share one.
 std::string fresh_dir(std::string const &name, MPI_Comm comm = MPI_COMM_WORLD) {
-  std::string d = testing::TempDir() + "hexamoe_parallel_" + name + "_np" + std::to_string(world_size());
+  std::string d = testing::TempDir() + "hexamoe_parallel_" + TEST_BACKEND_NAME + "_" + name + "_np" +
+                  std::to_string(world_size());
   int r = 0;
   MPI_Comm_rank(comm, &r);
   if (r == 0) fs::remove_all(d);
