@@ -986,22 +986,10 @@ HEXAMOE_UNROLL
         b_rem -= PK;
         off_w = off_w + stage_bytes == PS * stage_bytes ? 0u : off_w + stage_bytes;
       };
-      int const nk = ks1 - ks0;
-      for (int s = 0; s < PS - 1; ++s) {
-        if (s < nk) issue();
-        dev::cp_async_commit();  // empty groups keep the count uniform
-      }
-      int slot = 0;
-      for (int kt = 0; kt < nk; ++kt) {
-        dev::cp_async_wait<PS - 2>();  // this thread's copies of stage kt have landed
-        team.team_barrier();           // everyone's have; stage kt - 1 is free again
-        if (kt + PS - 1 < nk) issue();
-        dev::cp_async_commit();
+      dev::async_pipeline<PS>(team, ks1 - ks0, issue, [&](int slot) {
         dev::step_f32_sw<M, false, true, TransW>(acc, smem + slot * tile, smem + (PS + slot) * tile, nullptr, nullptr,
                                                  tid);
-        slot = slot + 1 == PS ? 0 : slot + 1;
-      }
-      dev::cp_async_wait<0>();
+      });
     } else {
       (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
       (void)ks0, (void)ks1;

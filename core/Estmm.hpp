@@ -356,17 +356,7 @@ struct EstmmDeviceKernel {
       dev::ldsm_addresses<true, false>(a_ld, b_ld, sA, sB, tid);
       int const warp = tid >> 5;
       bool const active = (warp >> 2) * 64 < rows && (warp & 3) * 32 < cols;
-      int const nk = (pend - pbeg + PK - 1) / PK;
-      for (int s = 0; s < PS - 1; ++s) {
-        if (s < nk) issue();
-        dev::cp_async_commit();
-      }
-      int slot_r = 0;
-      for (int kt = 0; kt < nk; ++kt) {
-        dev::cp_async_wait<PS - 2>();
-        team.team_barrier();
-        if (kt + PS - 1 < nk) issue();
-        dev::cp_async_commit();
+      dev::async_pipeline<PS>(team, (pend - pbeg + PK - 1) / PK, issue, [&](int slot_r) {
         if (active) {
           if constexpr (Scaled) {
             dev::mma_k16_bf16_scaled(acc, a_ld, b_ld, slot_r * stage_bytes, sS + slot_r * PK, tid);
@@ -388,9 +378,7 @@ HEXAMOE_UNROLL
             }
           }
         }
-        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
-      }
-      dev::cp_async_wait<0>();
+      });
     } else {
       (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
           (void)n0, (void)cols, (void)tid;
@@ -440,17 +428,7 @@ HEXAMOE_UNROLL
         fl = fetch_flat(p, pend);
         slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
       };
-      int const nk = (pend - pbeg + PK - 1) / PK;
-      for (int s = 0; s < PS - 1; ++s) {
-        if (s < nk) issue();
-        dev::cp_async_commit();
-      }
-      int slot_r = 0;
-      for (int kt = 0; kt < nk; ++kt) {
-        dev::cp_async_wait<PS - 2>();
-        team.team_barrier();  // stage kt is in; every warp is done with stage kt - 1's slot
-        if (kt + PS - 1 < nk) issue();
-        dev::cp_async_commit();
+      dev::async_pipeline<PS>(team, (pend - pbeg + PK - 1) / PK, issue, [&](int slot_r) {
         float const *a = smem + slot_r * tile, *b = sBp + slot_r * tile;
         float const *ssa = sS + slot_r * 2 * PK, *ssb = ssa + PK;
         dev::step_f32_sw<M, Scaled>(acc, a, b, ssa, ssb, tid);
@@ -465,9 +443,7 @@ HEXAMOE_UNROLL
             }
           }
         }
-        slot_r = slot_r + 1 == PS ? 0 : slot_r + 1;
-      }
-      dev::cp_async_wait<0>();
+      });
     } else {
       (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
           (void)n0, (void)cols, (void)tid;

@@ -653,6 +653,30 @@ KOKKOS_INLINE_FUNCTION void cp_async_wait() {
 #endif
 }
 
+// A team's pipeline of PS stages of asynchronous copies over nk k steps:
+// issue() copies the next stage into the next slot (PS - 1 stages ahead, so
+// PS - 1 are in flight), step(slot) consumes stage kt from slot kt % PS once
+// every thread's copies of it have landed; the slot an issue fills is the
+// one of stage kt - 1, which every thread finished at the barrier. Empty
+// commit groups keep each thread's group count uniform.
+template <int PS, class Member, class Issue, class Step>
+KOKKOS_INLINE_FUNCTION void async_pipeline(Member const &team, int nk, Issue &&issue, Step &&step) {
+  for (int s = 0; s < PS - 1; ++s) {
+    if (s < nk) issue();
+    cp_async_commit();
+  }
+  int slot = 0;
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<PS - 2>();  // this thread's copies of stage kt have landed
+    team.team_barrier();      // everyone's have; stage kt - 1's slot is free
+    if (kt + PS - 1 < nk) issue();
+    cp_async_commit();
+    step(slot);
+    slot = slot + 1 == PS ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+}
+
 // --- tensor-core primitives (CUDA device code; no-ops elsewhere) -------------
 
 KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
