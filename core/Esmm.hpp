@@ -1233,7 +1233,7 @@ void esmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowOp
   int const row_tiles = (S + Shape::TM - 1) / Shape::TM + E;  // upper bound on sum_e ceil(count_e / TM)
   Kernel kernel{R, x, w, bias, ep, transpose_w, has_bias, K, N, col_tiles};
   if (detail::esmm_on_device_engine(space, kernel, S, E)) return;
-  Kokkos::TeamPolicy<ExecutionSpace> policy(space, row_tiles * col_tiles, Kernel::host ? 1 : Shape::team_size);
+  detail::tile_team_policy<ExecutionSpace> policy(space, row_tiles * col_tiles, Kernel::host ? 1 : Shape::team_size);
   policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host)));
   Kokkos::parallel_for("hexamoe::esmm", policy, kernel);
 }

@@ -789,7 +789,7 @@ void estmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowO
   int const m_tiles = (M + Shape::TM - 1) / Shape::TM, n_tiles = (N + Shape::TN - 1) / Shape::TN;
   Kernel kernel{R, a, b, out, bias_out, M, N, m_tiles, n_tiles};
   if (detail::estmm_on_device_engine(space, kernel, E)) return;
-  Kokkos::TeamPolicy<ExecutionSpace> policy(space, E * m_tiles * n_tiles, Kernel::host ? 1 : Shape::team_size);
+  detail::tile_team_policy<ExecutionSpace> policy(space, E * m_tiles * n_tiles, Kernel::host ? 1 : Shape::team_size);
   policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host)));
   Kokkos::parallel_for("hexamoe::estmm", policy, kernel);
 }

@@ -58,6 +58,16 @@ namespace detail {
 template <class ExecutionSpace>
 inline constexpr bool runs_on_host = Kokkos::SpaceAccessibility<ExecutionSpace, Kokkos::HostSpace>::accessible;
 
+// The team policy of the tile kernels' portable path. Their teams differ in
+// work (an expert's last row tile is partial; ESMM's league is an upper bound
+// whose last teams return at once), so host backends hand teams out
+// dynamically: under the default static schedule one OpenMP thread got every
+// non-empty tile of a small batch. Devices keep the default.
+template <class ExecutionSpace>
+using tile_team_policy = std::conditional_t<runs_on_host<ExecutionSpace>,
+                                            Kokkos::TeamPolicy<ExecutionSpace, Kokkos::Schedule<Kokkos::Dynamic>>,
+                                            Kokkos::TeamPolicy<ExecutionSpace>>;
+
 template <bool Host>
 struct TileShape;
 
