@@ -435,12 +435,12 @@ HEXAMOE_UNROLL
         if (do_bias && tid < BN) {
 HEXAMOE_UNROLL
           for (int kk = 0; kk < PK; ++kk) {
-            float const v = b[dev::swf(kk, tid)];
-            if constexpr (Scaled) {
-              bsum += v * ssb[kk];
-            } else {
-              bsum += v;
-            }
+            // The value the register path stages and sums: the rounded
+            // product (no fused multiply-add), tf32-rounded in tf32 mode.
+            float v = b[dev::swf(kk, tid)];
+            if constexpr (Scaled) v = dev::mul_rn(v, ssb[kk]);
+            if constexpr (M == dev::Math::tf32_mma) v = dev::to_tf32(v);
+            bsum += v;
           }
         }
       });

@@ -517,12 +517,24 @@ KOKKOS_INLINE_FUNCTION Float4 load4_full(bfloat16 const *p) { return load4(p, 4,
 KOKKOS_INLINE_FUNCTION float bf16_at(Vec16 const &v, int j) {
   return bfloat16::to_float(static_cast<std::uint16_t>(v.u[j >> 1] >> ((j & 1) * 16)));
 }
+// x * y rounded to float32 by itself: never contracted with a later add or
+// subtract into one fused multiply-add. Where two code paths must give the
+// same bits (a product stored to scratch on one, used from a register on the
+// other), the register side multiplies with this.
+KOKKOS_INLINE_FUNCTION float mul_rn(float x, float y) {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
+
 // s * v as bf16 (hi) and the bf16 of the remainder (lo): hi + lo carries 16 bits.
 KOKKOS_INLINE_FUNCTION void scale_split(Vec16 const &v, float s, Vec16 &hi, Vec16 &lo) {
   for (int q = 0; q < 4; ++q) {
     unsigned h = 0, l = 0;
     for (int j = 0; j < 2; ++j) {
-      float const x = s * bf16_at(v, 2 * q + j);
+      float const x = mul_rn(s, bf16_at(v, 2 * q + j));  // lo below is s x - hi of this rounded product
       std::uint16_t const hb = bfloat16::from_float(x);
       std::uint16_t const lb = bfloat16::from_float(x - bfloat16::to_float(hb));
       h |= static_cast<unsigned>(hb) << (16 * j);
@@ -901,8 +913,8 @@ HEXAMOE_UNROLL
 // bf16 hi + lo, as scale_split does (hi = bf16(s x), lo = bf16(s x - hi),
 // both rounded to nearest even).
 KOKKOS_INLINE_FUNCTION void scale_split_pair(unsigned r, float s0, float s1, unsigned &hi, unsigned &lo) {
-  float const x0 = s0 * bfloat16::to_float(static_cast<std::uint16_t>(r & 0xffffu));
-  float const x1 = s1 * bfloat16::to_float(static_cast<std::uint16_t>(r >> 16));
+  float const x0 = mul_rn(s0, bfloat16::to_float(static_cast<std::uint16_t>(r & 0xffffu)));
+  float const x1 = mul_rn(s1, bfloat16::to_float(static_cast<std::uint16_t>(r >> 16)));
   hi = pack_bf16x2(x0, x1);
   lo = pack_bf16x2(x0 - bfloat16::to_float(static_cast<std::uint16_t>(hi & 0xffffu)),
                    x1 - bfloat16::to_float(static_cast<std::uint16_t>(hi >> 16)));
@@ -1088,7 +1100,7 @@ KOKKOS_INLINE_FUNCTION void step_f32_sw(float (&acc)[8][8], float const *sA, flo
   }
   auto rd = [](float const *tile, int i, float s) {
     if constexpr (Scaled) {
-      return tile[i] * s;
+      return mul_rn(tile[i], s);  // the product the register path stores, then splits
     } else {
       (void)s;
       return tile[i];

@@ -28,6 +28,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <iomanip>
+#include <sstream>
 
 namespace {
 
@@ -508,21 +510,28 @@ void run_async_matches_staged(unsigned seed) {
       esmm(Space(), P.R, gated_token_rows(V2<T const>(P.dy_d), gate), V3<T const>(P.w_d), true, V2<T const>(), et);
       estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), gated_token_rows(V2<T const>(P.dy_d), gate), gw, gb);
       estmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), token_rows(V2<T const>(P.dy_d)), gw2, gb2);
-      Vec all;
-      for (Vec const &v : {test::from_view(pre), test::from_view(post), test::from_view(dz), test::from_view(gw),
-                           test::from_view(gb), test::from_view(gw2), test::from_view(gb2)})
-        all.insert(all.end(), v.begin(), v.end());
-      return all;
+      return std::vector<Vec>{test::from_view(pre), test::from_view(post), test::from_view(dz), test::from_view(gw),
+                              test::from_view(gb),  test::from_view(gw2),  test::from_view(gb2)};
     };
+    char const *const names[] = {"ESMM pre-activation", "ESMM output", "ESMM^T with act'", "gated ESTMM",
+                                 "its fused ESS",       "plain ESTMM", "its fused ESS"};
     // Without the tail split, and with 8 and 11 slots, which split the
     // launches of 9 tiles (K = 272, forward) and 12 tiles (K = 144, 160).
     for (int slots : {0, 8, 11}) {
-      Vec const staged = run(detail::dev::AsyncCopies::stored_bf16, slots);
-      Vec const async = run(detail::dev::AsyncCopies::all, slots);
-      ASSERT_EQ(staged.size(), async.size());
-      std::size_t diff = 0;
-      for (std::size_t i = 0; i < staged.size(); ++i) diff += std::memcmp(&staged[i], &async[i], sizeof(double)) != 0;
-      EXPECT_EQ(diff, 0u) << "of " << staged.size() << " values differ (slots " << slots << ")";
+      std::vector<Vec> const staged = run(detail::dev::AsyncCopies::stored_bf16, slots);
+      std::vector<Vec> const async = run(detail::dev::AsyncCopies::all, slots);
+      for (std::size_t o = 0; o < staged.size(); ++o) {
+        ASSERT_EQ(staged[o].size(), async[o].size());
+        std::size_t diff = 0, first = staged[o].size();
+        for (std::size_t i = 0; i < staged[o].size(); ++i)
+          if (std::memcmp(&staged[o][i], &async[o][i], sizeof(double)) != 0 && diff++ == 0) first = i;
+        std::ostringstream at;
+        if (diff)
+          at << "; first at " << first << ": " << std::setprecision(17) << staged[o][first] << " staged, "
+             << async[o][first] << " asynchronous";
+        EXPECT_EQ(diff, 0u) << names[o] << ": of " << staged[o].size() << " values differ (slots " << slots << ")"
+                            << at.str();
+      }
     }
   }
 }
