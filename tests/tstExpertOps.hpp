@@ -513,8 +513,8 @@ void run_async_matches_staged(unsigned seed) {
       return std::vector<Vec>{test::from_view(pre), test::from_view(post), test::from_view(dz), test::from_view(gw),
                               test::from_view(gb),  test::from_view(gw2),  test::from_view(gb2)};
     };
-    char const *const names[] = {"ESMM pre-activation", "ESMM output", "ESMM^T with act'", "gated ESTMM",
-                                 "its fused ESS",       "plain ESTMM", "its fused ESS"};
+    char const *const names[] = {"ESMM pre-activation", "ESMM output",  "ESMM^T with act'",   "gated ESTMM",
+                                 "gated ESTMM's ESS",   "plain ESTMM", "plain ESTMM's ESS"};
     // Without the tail split, and with 8 and 11 slots, which split the
     // launches of 9 tiles (K = 272, forward) and 12 tiles (K = 144, 160).
     for (int slots : {0, 8, 11}) {
