@@ -1147,18 +1147,22 @@ bool esmm_on_device_engine(ExecutionSpace const &space, EsmmKernel<ExecutionSpac
   } else {
     if (E > EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, dev::Math::simt, false>::max_experts())
       return false;  // the experts' tile counts would not fit in scratch
+    // (math_for picks a tensor-core case only where has_cuda_tensor_cores.)
     switch (dev::math_for<ExecutionSpace, TX, TW>()) {
       case dev::Math::bf16_mma:
-        if constexpr (std::is_same_v<X, bfloat16>) launch_esmm_device<dev::Math::bf16_mma>(space, base, S, E);
+        if constexpr (std::is_same_v<X, bfloat16> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_esmm_device<dev::Math::bf16_mma>(space, base, S, E);
         return true;
       case dev::Math::tf32_mma:
-        if constexpr (std::is_same_v<X, float>) launch_esmm_device<dev::Math::tf32_mma>(space, base, S, E);
+        if constexpr (std::is_same_v<X, float> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_esmm_device<dev::Math::tf32_mma>(space, base, S, E);
         return true;
       case dev::Math::tf32x3_mma:
-        if constexpr (std::is_same_v<X, float>) launch_esmm_device<dev::Math::tf32x3_mma>(space, base, S, E);
+        if constexpr (std::is_same_v<X, float> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_esmm_device<dev::Math::tf32x3_mma>(space, base, S, E);
         return true;
       case dev::Math::simt:
-        if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<X, float>)  // bf16 on CUDA: mma
+        if constexpr (!dev::has_cuda_tensor_cores<ExecutionSpace> || std::is_same_v<X, float>)  // else bf16: mma
           launch_esmm_device<dev::Math::simt>(space, base, S, E);
         return true;
       default:

@@ -710,18 +710,22 @@ bool estmm_on_device_engine(ExecutionSpace const &space,
     (void)space, (void)base, (void)E;
     return false;
   } else {
+    // (math_for picks a tensor-core case only where has_cuda_tensor_cores.)
     switch (dev::math_for<ExecutionSpace, TA, TB>()) {
       case dev::Math::bf16_mma:
-        if constexpr (std::is_same_v<A, bfloat16>) launch_estmm_device<dev::Math::bf16_mma>(space, base, E);
+        if constexpr (std::is_same_v<A, bfloat16> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_estmm_device<dev::Math::bf16_mma>(space, base, E);
         return true;
       case dev::Math::tf32_mma:
-        if constexpr (std::is_same_v<A, float>) launch_estmm_device<dev::Math::tf32_mma>(space, base, E);
+        if constexpr (std::is_same_v<A, float> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_estmm_device<dev::Math::tf32_mma>(space, base, E);
         return true;
       case dev::Math::tf32x3_mma:
-        if constexpr (std::is_same_v<A, float>) launch_estmm_device<dev::Math::tf32x3_mma>(space, base, E);
+        if constexpr (std::is_same_v<A, float> && dev::has_cuda_tensor_cores<ExecutionSpace>)
+          launch_estmm_device<dev::Math::tf32x3_mma>(space, base, E);
         return true;
       case dev::Math::simt:
-        if constexpr (!dev::is_cuda<ExecutionSpace> || std::is_same_v<A, float>)  // bf16 on CUDA: mma
+        if constexpr (!dev::has_cuda_tensor_cores<ExecutionSpace> || std::is_same_v<A, float>)  // else bf16: mma
           launch_estmm_device<dev::Math::simt>(space, base, E);
         return true;
       default:

@@ -323,7 +323,7 @@ class Router {
     auto sn = count_part_;  // [chunks, Ep]: assignments to e
     // Partial rows of the statistics: a team of the tensor-core kernel, or a chunk.
     int const nparts = mma ? (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens : nch;
-    if constexpr (detail::dev::is_cuda<ExecutionSpace> && std::is_same_v<Acc, float>) {
+    if constexpr (detail::dev::has_cuda_tensor_cores<ExecutionSpace> && std::is_same_v<Acc, float>) {
       if (mma && T_ > 0) {
         bool const xvec = d % 8 == 0 && x.stride_0() % 8 == 0 && reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0;
         switch (detail::router_mma_ntiles(E)) {

@@ -63,7 +63,7 @@ inline bool router_mma_env() {
 // experts, unless turned off (router_mma_env) or forced either way (tests).
 template <class T, class ExecutionSpace>
 bool router_mma_in_use(int E) {
-  if constexpr (!dev::is_cuda<ExecutionSpace>) {
+  if constexpr (!dev::has_cuda_tensor_cores<ExecutionSpace>) {
     (void)E;
     return false;
   } else {

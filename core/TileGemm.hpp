@@ -45,6 +45,17 @@
 #include <immintrin.h>  // the host bf16 micro-kernel below
 #endif
 
+// CUDA device code for compute capability 8.0 or later, where the
+// tensor-core primitives below (mma.sync on bf16 and tf32, ldmatrix,
+// cp.async) are instructions; in device code for older GPUs they trap, and
+// dev::math_for never selects a path that reaches them there
+// (dev::cuda_tensor_cores).
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define HEXAMOE_CUDA_SM80 1
+#elif defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#define HEXAMOE_CUDA_PRE_SM80 1
+#endif
+
 // Loop unrolling hint for device compilers (host compilers would warn on it).
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define HEXAMOE_UNROLL _Pragma("unroll")
@@ -376,6 +387,23 @@ inline constexpr bool is_cuda =
     false;
 #endif
 
+// Whether this build's CUDA code may use the instructions of compute
+// capability 8.0 that the tensor-core paths need (mma.sync on bf16 and tf32,
+// ldmatrix, cp.async). Kokkos builds for one device architecture; for the
+// older ones (Kepler to Turing: V100, T4, ...) every expert GEMM and the
+// router take the portable paths, and those instructions are compiled out.
+inline constexpr bool cuda_tensor_cores =
+#if defined(KOKKOS_ENABLE_CUDA) &&                                                                     \
+    !(defined(KOKKOS_ARCH_KEPLER) || defined(KOKKOS_ARCH_MAXWELL) || defined(KOKKOS_ARCH_PASCAL) || \
+      defined(KOKKOS_ARCH_VOLTA) || defined(KOKKOS_ARCH_TURING75))
+    true;
+#else
+    false;
+#endif
+
+template <class ExecutionSpace>
+inline constexpr bool has_cuda_tensor_cores = is_cuda<ExecutionSpace> && cuda_tensor_cores;
+
 // The arithmetic for (execution space, operand storage types).
 template <class ExecutionSpace, class TA, class TB>
 Math math_for() {
@@ -384,9 +412,9 @@ Math math_for() {
   if constexpr (runs_on_host<ExecutionSpace> || !std::is_same_v<A, B>) {
     return Math::generic;
   } else if constexpr (std::is_same_v<A, bfloat16>) {
-    return is_cuda<ExecutionSpace> ? Math::bf16_mma : Math::simt;
+    return has_cuda_tensor_cores<ExecutionSpace> ? Math::bf16_mma : Math::simt;
   } else if constexpr (std::is_same_v<A, float>) {
-    if (!is_cuda<ExecutionSpace>) return Math::simt;
+    if (!has_cuda_tensor_cores<ExecutionSpace>) return Math::simt;
     switch (float32_math()) {
       case Float32Math::tf32: return Math::tf32_mma;
       case Float32Math::tf32x3: return Math::tf32x3_mma;
@@ -663,14 +691,14 @@ inline bool async_copies_for(Math m, bool gated) {
 }
 
 KOKKOS_INLINE_FUNCTION void cp_async_commit() {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(HEXAMOE_CUDA_SM80)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 KOKKOS_INLINE_FUNCTION void cp_async_wait() {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(HEXAMOE_CUDA_SM80)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
@@ -701,8 +729,9 @@ KOKKOS_INLINE_FUNCTION void async_pipeline(Member const &team, int nk, Issue &&i
 
 // --- tensor-core primitives (CUDA device code; no-ops elsewhere) -------------
 
+
 KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#if defined(HEXAMOE_CUDA_SM80)
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return __uint_as_float(r);
@@ -714,7 +743,7 @@ KOKKOS_INLINE_FUNCTION float to_tf32(float x) {
 // Two floats as adjacent bf16 (lo at the lower address), rounded to nearest
 // even: one cvt.rn.bf16x2.f32 on sm_80 and later, else bfloat16::from_float.
 KOKKOS_INLINE_FUNCTION unsigned pack_bf16x2(float lo, float hi) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(HEXAMOE_CUDA_SM80)
   unsigned r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
@@ -736,7 +765,7 @@ KOKKOS_INLINE_FUNCTION unsigned smem_u32(void const *p) {
 // ldmatrix x4 (plain or transposed) from a shared-state address.
 template <bool Trans>
 KOKKOS_INLINE_FUNCTION void ldsm_x4_at(unsigned (&r)[4], unsigned a) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#if defined(HEXAMOE_CUDA_SM80)
   if constexpr (Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -747,6 +776,9 @@ KOKKOS_INLINE_FUNCTION void ldsm_x4_at(unsigned (&r)[4], unsigned a) {
                  : "r"(a));
   }
 #else
+#if defined(HEXAMOE_CUDA_PRE_SM80)
+  __trap();  // unreachable: no tensor-core path below compute capability 8.0
+#endif
   (void)a;
   r[0] = r[1] = r[2] = r[3] = 0u;
 #endif
@@ -762,9 +794,12 @@ KOKKOS_INLINE_FUNCTION void ldsm_x4_t(unsigned (&r)[4], void const *p) { ldsm_x4
 // src_bytes is 0). CUDA device code only: a no-op elsewhere, where the kernels
 // that call it never run.
 KOKKOS_INLINE_FUNCTION void cp_async16_at(unsigned dst, void const *src, int src_bytes) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(HEXAMOE_CUDA_SM80)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #else
+#if defined(HEXAMOE_CUDA_PRE_SM80)
+  __trap();  // unreachable: no tensor-core path below compute capability 8.0
+#endif
   (void)dst, (void)src, (void)src_bytes;
 #endif
 }
@@ -772,13 +807,16 @@ KOKKOS_INLINE_FUNCTION void cp_async16_at(unsigned dst, void const *src, int src
 // d (16 x 8, float) += a (16 x 16 bf16, row) b (16 x 8 bf16, col).
 KOKKOS_INLINE_FUNCTION void mma_bf16(float &d0, float &d1, float &d2, float &d3, unsigned const (&a)[4], unsigned b0,
                                      unsigned b1) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#if defined(HEXAMOE_CUDA_SM80)
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
+#if defined(HEXAMOE_CUDA_PRE_SM80)
+  __trap();  // unreachable: no tensor-core path below compute capability 8.0
+#endif
   (void)d0, (void)d1, (void)d2, (void)d3, (void)a, (void)b0, (void)b1;
 #endif
 }
@@ -786,25 +824,31 @@ KOKKOS_INLINE_FUNCTION void mma_bf16(float &d0, float &d1, float &d2, float &d3,
 // d (16 x 8, float) += a (16 x 8 tf32, row) b (8 x 8 tf32, col).
 KOKKOS_INLINE_FUNCTION void mma_tf32(float &d0, float &d1, float &d2, float &d3, unsigned const (&a)[4], unsigned b0,
                                      unsigned b1) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#if defined(HEXAMOE_CUDA_SM80)
   asm(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
+#if defined(HEXAMOE_CUDA_PRE_SM80)
+  __trap();  // unreachable: no tensor-core path below compute capability 8.0
+#endif
   (void)d0, (void)d1, (void)d2, (void)d3, (void)a, (void)b0, (void)b1;
 #endif
 }
 
 // d (16 x 8, float) = a b, starting from zero.
 KOKKOS_INLINE_FUNCTION void mma_tf32_zero(float (&d)[4], unsigned const (&a)[4], unsigned b0, unsigned b1) {
-#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+#if defined(HEXAMOE_CUDA_SM80)
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%10, %10, %10, %10};"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 #else
+#if defined(HEXAMOE_CUDA_PRE_SM80)
+  __trap();  // unreachable: no tensor-core path below compute capability 8.0
+#endif
   (void)a, (void)b0, (void)b1;
   d[0] = d[1] = d[2] = d[3] = 0.f;
 #endif

@@ -328,7 +328,7 @@ void run_all(char const *name) {
 // float64 references; elsewhere the setting changes nothing.
 std::vector<detail::dev::AsyncCopies> async_settings() {
   using detail::dev::AsyncCopies;
-  if (detail::dev::is_cuda<Space>) return {AsyncCopies::stored_bf16, AsyncCopies::all};
+  if (detail::dev::has_cuda_tensor_cores<Space>) return {AsyncCopies::stored_bf16, AsyncCopies::all};
   return {detail::dev::async_copy_setting()};
 }
 char const *async_name(detail::dev::AsyncCopies a) {
@@ -344,7 +344,7 @@ char const *async_name(detail::dev::AsyncCopies a) {
 TEST(ExpertOps, TailSplitAgainstFloat64Reference) {
   using detail::dev::Float32Math;
   std::vector<Shape> const split_shapes = {{600, 1, 2, 64, 256, false}, {150, 1, 3, 272, 264, false}};
-  bool const tensor_cores = detail::dev::is_cuda<Space>;
+  bool const tensor_cores = detail::dev::has_cuda_tensor_cores<Space>;
   Float32Math const saved = detail::dev::float32_math();
   if (tensor_cores) {
     detail::dev::float32_math() = Float32Math::tf32x3;
@@ -381,7 +381,7 @@ TEST(ExpertOps, TailSplitAgainstFloat64Reference) {
 TEST(ExpertOps, Float32AgainstFloat64Reference) {
   using detail::dev::Float32Math;
   Float32Math const saved = detail::dev::float32_math();
-  bool const tensor_cores = detail::dev::is_cuda<Space>;
+  bool const tensor_cores = detail::dev::has_cuda_tensor_cores<Space>;
   double const u = std::ldexp(1.0, -24);
   std::vector<std::pair<Float32Math, Float32Arith>> modes = {{Float32Math::fma, {}}};
   if (tensor_cores) {
@@ -453,7 +453,7 @@ TEST(ExpertOps, Float32LongReductionStaysNearFloat64) {
     }
   Float32Math const saved = detail::dev::float32_math();
   std::vector<Float32Math> modes = {Float32Math::fma};
-  if (detail::dev::is_cuda<Space>) modes.push_back(Float32Math::tf32x3);
+  if (detail::dev::has_cuda_tensor_cores<Space>) modes.push_back(Float32Math::tf32x3);
   for (Float32Math const mode : modes) {
     detail::dev::float32_math() = mode;
     V2<float> out("out", T, N);
@@ -542,7 +542,7 @@ TEST(ExpertOps, AllAsyncCopiesMatchRegisterStaging) {
   auto const saved_async = detail::dev::async_copy_setting();
   int const saved_slots = detail::dev::tail_slots_override();
   std::vector<Float32Math> modes = {saved};
-  if (detail::dev::is_cuda<Space>) modes = {Float32Math::tf32x3, Float32Math::tf32};
+  if (detail::dev::has_cuda_tensor_cores<Space>) modes = {Float32Math::tf32x3, Float32Math::tf32};
   for (Float32Math const mode : modes) {
     SCOPED_TRACE(mode == Float32Math::tf32 ? "float (tf32)" : mode == Float32Math::tf32x3 ? "float (tf32x3)" : "float");
     detail::dev::float32_math() = mode;

@@ -452,7 +452,8 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
       {250, 40, 20, 3, true}};   // CUDA tensor cores: 4 tiles of 8 experts (the last empty), d not a multiple of 32
   // On CUDA the forward runs on the tensor cores (RouterMma.hpp) and, forced
   // off, on the vector-lane kernels: both against the same reference.
-  std::vector<int> const mma_modes = detail::dev::is_cuda<Space> ? std::vector<int>{1, 0} : std::vector<int>{-1};
+  std::vector<int> const mma_modes =
+      detail::dev::has_cuda_tensor_cores<Space> ? std::vector<int>{1, 0} : std::vector<int>{-1};
   unsigned seed = 500;
   for (int mm : mma_modes)
     for (auto const &s : shapes)
