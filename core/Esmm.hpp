@@ -1162,8 +1162,7 @@ bool esmm_on_device_engine(ExecutionSpace const &space, EsmmKernel<ExecutionSpac
           launch_esmm_device<dev::Math::tf32x3_mma>(space, base, S, E);
         return true;
       case dev::Math::simt:
-        if constexpr (!dev::has_cuda_tensor_cores<ExecutionSpace> || std::is_same_v<X, float>)  // else bf16: mma
-          launch_esmm_device<dev::Math::simt>(space, base, S, E);
+        launch_esmm_device<dev::Math::simt>(space, base, S, E);
         return true;
       default:
         return false;

@@ -725,8 +725,7 @@ bool estmm_on_device_engine(ExecutionSpace const &space,
           launch_estmm_device<dev::Math::tf32x3_mma>(space, base, E);
         return true;
       case dev::Math::simt:
-        if constexpr (!dev::has_cuda_tensor_cores<ExecutionSpace> || std::is_same_v<A, float>)  // else bf16: mma
-          launch_estmm_device<dev::Math::simt>(space, base, E);
+        launch_estmm_device<dev::Math::simt>(space, base, E);
         return true;
       default:
         return false;

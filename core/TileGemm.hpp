@@ -404,6 +404,14 @@ inline constexpr bool cuda_tensor_cores =
 template <class ExecutionSpace>
 inline constexpr bool has_cuda_tensor_cores = is_cuda<ExecutionSpace> && cuda_tensor_cores;
 
+// Tests: bf16 on the FMA kernel even where the tensor cores are available
+// (the path of GPUs before compute capability 8.0), so that a GPU with
+// tensor cores checks it too.
+inline bool &bf16_fma_for_tests() {
+  static bool on = false;
+  return on;
+}
+
 // The arithmetic for (execution space, operand storage types).
 template <class ExecutionSpace, class TA, class TB>
 Math math_for() {
@@ -412,7 +420,7 @@ Math math_for() {
   if constexpr (runs_on_host<ExecutionSpace> || !std::is_same_v<A, B>) {
     return Math::generic;
   } else if constexpr (std::is_same_v<A, bfloat16>) {
-    return has_cuda_tensor_cores<ExecutionSpace> ? Math::bf16_mma : Math::simt;
+    return has_cuda_tensor_cores<ExecutionSpace> && !bf16_fma_for_tests() ? Math::bf16_mma : Math::simt;
   } else if constexpr (std::is_same_v<A, float>) {
     if (!has_cuda_tensor_cores<ExecutionSpace>) return Math::simt;
     switch (float32_math()) {

@@ -621,6 +621,11 @@ TEST(ExpertOps, BFloat16AgainstFloat64Reference) {
     run_all<bfloat16>((std::string("bfloat16, ") + async_name(async)).c_str());
   }
   detail::dev::async_copy_setting() = saved_async;
+  if (detail::dev::has_cuda_tensor_cores<Space>) {  // the FMA kernel of GPUs before compute capability 8.0
+    detail::dev::bf16_fma_for_tests() = true;
+    run_all<bfloat16>("bfloat16, FMA kernel");
+    detail::dev::bf16_fma_for_tests() = false;
+  }
 }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
 
