@@ -369,7 +369,7 @@ struct EstmmDeviceKernel {
 HEXAMOE_UNROLL
           for (int kk = 0; kk < PK; ++kk) {
             if constexpr (Scaled) {  // hi, then lo, as main_loop_bf16 adds them
-              float const x = sS[slot_r * PK + kk] * static_cast<float>(sb[dev::sw128(kk, tid)]);
+              float const x = dev::mul_rn(sS[slot_r * PK + kk], static_cast<float>(sb[dev::sw128(kk, tid)]));
               bfloat16 const h(x);
               bsum += static_cast<float>(h);
               bsum += static_cast<float>(bfloat16(x - static_cast<float>(h)));
