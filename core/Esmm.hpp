@@ -55,6 +55,9 @@ struct EsmmKernel {
   bool transpose_w;
   bool has_bias;
   int K, N, col_tiles;
+  // Host teams: consecutive row tiles of one expert per team (esmm_host_row_group),
+  // which stage each chunk of W once for all of them. Devices: 1.
+  int row_group = 1;
 
 #if defined(HEXAMOE_HOST_BF16_DOT)
   // bf16 operands on a host with vdpbf16ps (TileGemm.hpp). A row's gate
@@ -69,31 +72,34 @@ struct EsmmKernel {
     int const league = team.league_rank();
     int const ct = league % col_tiles;
     int tile = league / col_tiles;
-    // Find this team's expert and row tile (tiles never straddle experts).
+    // Find this team's expert and row tile, or group of row_group row tiles
+    // on the host (tiles and groups never straddle experts).
+    int const G = host ? row_group : 1;
     int e = 0;
     int const E = R.num_experts;
     for (; e < E; ++e) {
-      int const nt = (R.counts(e) + Shape::TM - 1) / Shape::TM;
+      int const nt = (R.counts(e) + G * Shape::TM - 1) / (G * Shape::TM);
       if (tile < nt) break;
       tile -= nt;
     }
     if (e == E) return;  // past the last tile (the league is an upper bound)
-    int const p0 = R.offsets(e) + tile * Shape::TM;
-    int const rows = (R.counts(e) - tile * Shape::TM) < Shape::TM ? (R.counts(e) - tile * Shape::TM) : Shape::TM;
     int const c0 = ct * Shape::TN;
     int const cols = (N - c0) < Shape::TN ? (N - c0) : Shape::TN;
     int const k = R.top_k;
+    if constexpr (host) {
+      int const rest = R.counts(e) - tile * G * Shape::TM;
+      host_group(team, e, R.offsets(e) + tile * G * Shape::TM, rest < G * Shape::TM ? rest : G * Shape::TM, c0, cols);
+      return;
+    }
+    int const p0 = R.offsets(e) + tile * Shape::TM;
+    int const rows = (R.counts(e) - tile * Shape::TM) < Shape::TM ? (R.counts(e) - tile * Shape::TM) : Shape::TM;
 
+    // The portable kernel on a device: a team of threads per tile, each
+    // thread an RM x RN block of accumulators in registers.
     Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TM * Shape::TK));
     Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TK * Shape::TN));
-    Acc *cs = nullptr;
-    if constexpr (host) {
-      cs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TM * Shape::TN));
-      for (int i = 0; i < Shape::TM * Shape::TN; ++i) cs[i] = Acc(0);
-    }
-
-    int const tr = host ? 0 : team.team_rank() / (Shape::TN / Shape::RN);
-    int const tc = host ? 0 : team.team_rank() % (Shape::TN / Shape::RN);
+    int const tr = team.team_rank() / (Shape::TN / Shape::RN);
+    int const tc = team.team_rank() % (Shape::TN / Shape::RN);
     Acc acc[Shape::RM][Shape::RN];
     for (int r = 0; r < Shape::RM; ++r)
       for (int c = 0; c < Shape::RN; ++c) acc[r][c] = Acc(0);
@@ -102,89 +108,105 @@ struct EsmmKernel {
     for (int k0 = 0; k0 < K; k0 += Shape::TK) {
       int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
       team.team_barrier();
+      // Stage X rows (through the index, gate-scaled if asked) ...
+      team_for_2d<host>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
+        Acc v = Acc(0);
+        if (r < rows && kk < tk) {
+          int const p = p0 + r;
+          int const flat = R.sorted_flat(p);
+          v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
+        }
+        xs[r * Shape::TK + kk] = v;
+      });
+      // ... and the weight chunk, transposed in place when asked.
+      if (transpose_w) {
+        team_for_2d<host>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
+          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
+        });
+      } else {
+        team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
+          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
+        });
+      }
+      team.team_barrier();
+      if (tr * Shape::RM < rows && tc * Shape::RN < cols)
+        device_thread_accumulate<Shape>(acc, xs, ws, tr * Shape::RM, tc * Shape::RN, tk);
+    }
+
+    for (int r = 0; r < Shape::RM; ++r) {
+      int const rr = tr * Shape::RM + r;
+      if (rr >= rows) break;
+      for (int c = 0; c < Shape::RN; ++c) {
+        int const cc = tc * Shape::RN + c;
+        if (cc < cols) epilogue(e, p0 + rr, c0 + cc, k, acc[r][c]);
+      }
+    }
+  }
+
+  // A host team (one thread): `grows` rows of expert e from position g0, in
+  // row tiles of TM, and the columns c0 .. c0 + cols. Each chunk of W is
+  // staged once for all of the team's row tiles; each row's sum runs over the
+  // chunks in order, as with one tile a team, so the grouping keeps the bits.
+  KOKKOS_INLINE_FUNCTION void host_group(member_type const &team, int e, int g0, int grows, int c0, int cols) const {
+    int const k = R.top_k;
+    Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TM * Shape::TK));
+    Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TK * Shape::TN));
+    Acc *cs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * std::size_t(row_group) * Shape::TM * Shape::TN));
+    for (int i = 0; i < grows * Shape::TN; ++i) cs[i] = Acc(0);
+
+    auto const we = Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL);
+    for (int k0 = 0; k0 < K; k0 += Shape::TK) {
+      int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
 #if defined(HEXAMOE_HOST_BF16_DOT)
       if constexpr (bf16_dot) {
-        // X rows read in place (no staged copy), W staged as pairs.
-        std::uint16_t const *rowp[Shape::TM];
-        for (int r = 0; r < rows; ++r) {
-          int const p = p0 + r;
-          rowp[r] = &x.rows(x.row(p, R.sorted_flat(p), k), k0).bits;
-        }
+        // W staged as pairs, X rows read in place (no staged copy).
         stage_bf16_pairs(ws, we, c0, cols, k0, tk);
-        host_tile_accumulate_bf16_rowp<Shape>(rowp, reinterpret_cast<std::uint32_t const *>(ws), cs, rows, tk);
+        for (int t0 = 0; t0 < grows; t0 += Shape::TM) {
+          int const rows = grows - t0 < Shape::TM ? grows - t0 : Shape::TM;
+          std::uint16_t const *rowp[Shape::TM];
+          for (int r = 0; r < rows; ++r) {
+            int const p = g0 + t0 + r;
+            rowp[r] = &x.rows(x.row(p, R.sorted_flat(p), k), k0).bits;
+          }
+          host_tile_accumulate_bf16_rowp<Shape>(rowp, reinterpret_cast<std::uint32_t const *>(ws),
+                                                cs + std::size_t(t0) * Shape::TN, rows, tk);
+        }
         continue;
       }
 #endif
-      if constexpr (host) {
-        // One thread: resolve each row once, then convert a contiguous run.
+      if (transpose_w) {
+        for (int c = 0; c < cols; ++c) {
+          TW const *src = &we(c0 + c, k0);
+          for (int kk = 0; kk < tk; ++kk) ws[kk * Shape::TN + c] = to_acc<Acc>(src[kk]);
+        }
+      } else {
+        for (int kk = 0; kk < tk; ++kk) {
+          TW const *src = &we(k0 + kk, c0);
+          Acc *dst = ws + kk * Shape::TN;
+          for (int c = 0; c < cols; ++c) dst[c] = to_acc<Acc>(src[c]);
+        }
+      }
+      for (int t0 = 0; t0 < grows; t0 += Shape::TM) {
+        int const rows = grows - t0 < Shape::TM ? grows - t0 : Shape::TM;
+        // Resolve each row once, then convert a contiguous run.
         for (int r = 0; r < rows; ++r) {
-          int const p = p0 + r;
+          int const p = g0 + t0 + r;
           int const flat = R.sorted_flat(p);
           Acc const sc = x.scale(flat);
           TX const *src = &x.rows(x.row(p, flat, k), k0);
           Acc *dst = xs + r * Shape::TK;
           for (int kk = 0; kk < tk; ++kk) dst[kk] = sc * to_acc<Acc>(src[kk]);
         }
-        if (transpose_w) {
-          for (int c = 0; c < cols; ++c) {
-            TW const *src = &we(c0 + c, k0);
-            for (int kk = 0; kk < tk; ++kk) ws[kk * Shape::TN + c] = to_acc<Acc>(src[kk]);
-          }
-        } else {
-          for (int kk = 0; kk < tk; ++kk) {
-            TW const *src = &we(k0 + kk, c0);
-            Acc *dst = ws + kk * Shape::TN;
-            for (int c = 0; c < cols; ++c) dst[c] = to_acc<Acc>(src[c]);
-          }
-        }
-      } else {
-        // Stage X rows (through the index, gate-scaled if asked) ...
-        team_for_2d<host>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
-          Acc v = Acc(0);
-          if (r < rows && kk < tk) {
-            int const p = p0 + r;
-            int const flat = R.sorted_flat(p);
-            v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
-          }
-          xs[r * Shape::TK + kk] = v;
-        });
-        // ... and the weight chunk, transposed in place when asked.
-        if (transpose_w) {
-          team_for_2d<host>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
-            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
-          });
-        } else {
-          team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
-            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
-          });
-        }
-      }
-      team.team_barrier();
-      if constexpr (host) {
-        host_tile_accumulate<Shape>(xs, ws, cs, rows, cols, tk);
-      } else {
-        if (tr * Shape::RM < rows && tc * Shape::RN < cols)
-          device_thread_accumulate<Shape>(acc, xs, ws, tr * Shape::RM, tc * Shape::RN, tk);
+        host_tile_accumulate<Shape>(xs, ws, cs + std::size_t(t0) * Shape::TN, rows, cols, tk);
       }
     }
 
-    if constexpr (host) {
-      if (bf16_dot && x.source == RowSource::token_gated)
-        for (int r = 0; r < rows; ++r) {
-          Acc const g = x.scale(R.sorted_flat(p0 + r));
-          for (int c = 0; c < cols; ++c) cs[r * Shape::TN + c] *= g;
-        }
-      host_epilogue(e, p0, rows, c0, cols, k, cs);
-    } else {
-      for (int r = 0; r < Shape::RM; ++r) {
-        int const rr = tr * Shape::RM + r;
-        if (rr >= rows) break;
-        for (int c = 0; c < Shape::RN; ++c) {
-          int const cc = tc * Shape::RN + c;
-          if (cc < cols) epilogue(e, p0 + rr, c0 + cc, k, acc[r][c]);
-        }
+    if (bf16_dot && x.source == RowSource::token_gated)
+      for (int r = 0; r < grows; ++r) {
+        Acc const g = x.scale(R.sorted_flat(g0 + r));
+        for (int c = 0; c < cols; ++c) cs[r * Shape::TN + c] *= g;
       }
-    }
+    host_epilogue(e, g0, grows, c0, cols, k, cs);
   }
 
 #if defined(HEXAMOE_HOST_BF16_DOT)
@@ -1183,6 +1205,18 @@ std::string extents(View const &v) {
   return s.str();
 }
 
+// Row tiles per host team: up to four of one expert, which share each staged
+// chunk of W, when the experts hold two or more tiles on average and at least
+// eight teams per thread remain. (One core, Swin-MoE-S stage 3 at 7200
+// tokens: the transposed ESMMs of the backward 10-20% faster, the layer's
+// forward + backward 3% in bf16 and 6% in float32; docs/PERFORMANCE.md.)
+inline int esmm_host_row_group(int S, int E, int col_tiles, int concurrency) {
+  constexpr int TM = TileShape<true>::TM;
+  int g = 4;
+  while (g > 1 && (S < 2 * g * TM * E || static_cast<long>(S / (g * TM)) * col_tiles < 8L * concurrency)) g /= 2;
+  return g;
+}
+
 }  // namespace detail
 
 // ESMM: see the file comment. W is [E, K, N], or [E, N, K] with transpose_w.
@@ -1233,11 +1267,15 @@ void esmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowOp
   using Kernel = detail::EsmmKernel<ExecutionSpace, TX, TW, TY, MemorySpace>;
   using Shape = typename Kernel::Shape;
   int const col_tiles = (N + Shape::TN - 1) / Shape::TN;
-  int const row_tiles = (S + Shape::TM - 1) / Shape::TM + E;  // upper bound on sum_e ceil(count_e / TM)
   Kernel kernel{R, x, w, bias, ep, transpose_w, has_bias, K, N, col_tiles};
   if (detail::esmm_on_device_engine(space, kernel, S, E)) return;
-  detail::tile_team_policy<ExecutionSpace> policy(space, row_tiles * col_tiles, Kernel::host ? 1 : Shape::team_size);
-  policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host)));
+  if constexpr (Kernel::host) kernel.row_group = detail::esmm_host_row_group(S, E, col_tiles, space.concurrency());
+  // An upper bound on sum_e ceil(count_e / (TM row_group)), the teams of each column tile.
+  int const units = (S + Shape::TM * kernel.row_group - 1) / (Shape::TM * kernel.row_group) + E;
+  detail::tile_team_policy<ExecutionSpace> policy(space, units * col_tiles, Kernel::host ? 1 : Shape::team_size);
+  policy.set_scratch_size(0, Kokkos::PerTeam(detail::tile_scratch_bytes<typename Kernel::Acc, Shape>(Kernel::host) +
+                                             (kernel.row_group - 1) * sizeof(typename Kernel::Acc) *
+                                                 std::size_t(Shape::TM) * Shape::TN));
   Kokkos::parallel_for("hexamoe::esmm", policy, kernel);
 }
 

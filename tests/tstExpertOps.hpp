@@ -304,6 +304,10 @@ std::vector<Shape> const shapes = {
     // Full 128 x 128 device tiles with K and N multiples of 16 (the staging
     // without per-element bounds), forward and transposed.
     {520, 1, 2, 144, 160, false},
+    // Host teams of several row tiles sharing each staged chunk of W (ESMM on a
+    // host with up to three threads, test HostRowGroupsAreCovered): groups
+    // cut off inside an expert, a second chunk of K shorter than the first.
+    {1600, 1, 2, 136, 130, true},
 };
 
 template <class T>
@@ -628,6 +632,19 @@ TEST(ExpertOps, BFloat16AgainstFloat64Reference) {
   }
 }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
+
+// The last shape above runs the host ESMM with teams of several row tiles
+// (a host backend with up to three threads); one tile a team where the
+// experts hold under two tiles, or where too few teams would be left.
+TEST(ExpertOps, HostRowGroupsAreCovered) {
+  auto const &sh = shapes.back();
+  int const col_tiles = (sh.N + detail::TileShape<true>::TN - 1) / detail::TileShape<true>::TN;
+  for (int threads = 1; threads <= 3; ++threads)
+    EXPECT_GT(detail::esmm_host_row_group(sh.T * sh.k, sh.E, col_tiles, threads), 1) << threads << " threads";
+  EXPECT_EQ(detail::esmm_host_row_group(720, 8, 24, 2), 1);     // 90 rows an expert
+  EXPECT_EQ(detail::esmm_host_row_group(7200, 8, 24, 2), 4);    // 900 rows an expert
+  EXPECT_EQ(detail::esmm_host_row_group(7200, 8, 6, 64), 1);    // 450 teams of one tile for 64 threads
+}
 
 TEST(ExpertOps, RejectsMismatchedExtents) {
   Problem<float> P({50, 2, 4, 16, 24, false}, 3);
