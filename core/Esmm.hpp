@@ -175,10 +175,11 @@ struct EsmmKernel {
       }
 #endif
       if (transpose_w) {
-        for (int c = 0; c < cols; ++c) {
-          TW const *src = &we(c0 + c, k0);
-          for (int kk = 0; kk < tk; ++kk) ws[kk * Shape::TN + c] = to_acc<Acc>(src[kk]);
-        }
+        if (!stage_float_transposed(ws, we, c0, cols, k0, tk))
+          for (int c = 0; c < cols; ++c) {
+            TW const *src = &we(c0 + c, k0);
+            for (int kk = 0; kk < tk; ++kk) ws[kk * Shape::TN + c] = to_acc<Acc>(src[kk]);
+          }
       } else {
         for (int kk = 0; kk < tk; ++kk) {
           TW const *src = &we(k0 + kk, c0);
@@ -209,6 +210,21 @@ struct EsmmKernel {
     host_epilogue(e, g0, grows, c0, cols, k, cs);
   }
 
+  // float32 W^T on a host with vector extensions: the chunk as a transposed
+  // copy of words (TileGemm.hpp's host_transpose32); false elsewhere.
+  template <class WE>
+  KOKKOS_INLINE_FUNCTION bool stage_float_transposed(Acc *ws, WE const &we, int c0, int cols, int k0, int tk) const {
+#if defined(HEXAMOE_HOST_VECTORS)
+    if constexpr (std::is_same_v<TW, float> && std::is_same_v<Acc, float>) {
+      host_transpose32(reinterpret_cast<char const *>(&we(c0, k0)), we.stride_0() * sizeof(float), cols, tk,
+                       reinterpret_cast<std::uint32_t *>(ws), Shape::TN);
+      return true;
+    }
+#endif
+    (void)ws, (void)we, (void)c0, (void)cols, (void)k0, (void)tk;
+    return false;
+  }
+
 #if defined(HEXAMOE_HOST_BF16_DOT)
   // Stages a chunk of W as bf16 pairs along k (TileGemm.hpp's
   // host_micro_bf16_rowp): ws2[j][c] = (w[2j][c], w[2j+1][c]), a zero past an
@@ -219,12 +235,11 @@ struct EsmmKernel {
     int const tk2 = (tk + 1) / 2;
     auto *ws2 = reinterpret_cast<std::uint32_t *>(ws);
     if (transpose_w) {
-      for (int c = 0; c < cols; ++c) {
-        bfloat16 const *src = &we(c0 + c, k0);
-        for (int j = 0; j < tk / 2; ++j)
-          ws2[j * TN + c] = std::uint32_t(src[2 * j].bits) | (std::uint32_t(src[2 * j + 1].bits) << 16);
-        if (tk & 1) ws2[(tk2 - 1) * TN + c] = src[tk - 1].bits;
-      }
+      // Pairs along k are adjacent in W^T's rows: a transposed copy of words.
+      host_transpose32(reinterpret_cast<char const *>(&we(c0, k0)), we.stride_0() * sizeof(bfloat16), cols, tk / 2,
+                       ws2, TN);
+      if (tk & 1)
+        for (int c = 0; c < cols; ++c) ws2[(tk2 - 1) * TN + c] = we(c0 + c, k0 + tk - 1).bits;
     } else {
       for (int j = 0; j < tk2; ++j) {
         bfloat16 const *lo = &we(k0 + 2 * j, c0);

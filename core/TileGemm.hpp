@@ -40,9 +40,9 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(KOKKOS_ENABLE_CUDA) && !defined(KOKKOS_ENABLE_HIP) && \
+#if defined(__AVX512F__) && !defined(KOKKOS_ENABLE_CUDA) && !defined(KOKKOS_ENABLE_HIP) && \
     !defined(KOKKOS_ENABLE_SYCL) && !defined(KOKKOS_ENABLE_OPENMPTARGET)
-#include <immintrin.h>  // the host bf16 micro-kernel below
+#include <immintrin.h>  // the host bf16 micro-kernel and the transposed staging below
 #endif
 
 // CUDA device code for compute capability 8.0 or later, where the
@@ -131,6 +131,52 @@ inline void host_micro_vec_rows(float const *xs, int ldx, int ksx, float const *
     if (rm == RM) return host_micro_vec<RM, NV>(xs, ldx, ksx, ws, ldw, cs, ldc, tk);
     host_micro_vec_rows<RM - 1, NV>(xs, ldx, ksx, ws, ldw, cs, ldc, tk, rm);
   }
+}
+
+// A transposed copy of 32-bit words (a transposed W's chunk, float32 or bf16
+// pairs along k): dst[j ldd + c] = the word at byte src + c lds + 4 j, for
+// c < nc, j < nj. With AVX-512, blocks of 16 x 16 go through registers
+// (unpacks and lane shuffles) instead of 256 scattered stores; the edges go
+// a word at a time.
+inline void host_transpose32(char const *src, std::size_t lds, int nc, int nj, std::uint32_t *dst, int ldd) {
+  int c0 = 0;
+#if defined(__AVX512F__)
+  for (; c0 + 16 <= nc; c0 += 16) {
+    int j0 = 0;
+    for (; j0 + 16 <= nj; j0 += 16) {
+      __m512i r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (c0 + i) * lds + 4 * std::size_t(j0));
+      // (The masked forms with every lane set: GCC 12 warns on the unmasked
+      // ones' undefined pass-through operand.)
+      __mmask16 const m = 0xFFFF;
+      __mmask8 const m8 = 0xFF;
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_mask_unpacklo_epi32(r[i], m, r[i], r[i + 1]);
+        t[i + 1] = _mm512_mask_unpackhi_epi32(r[i], m, r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_mask_unpacklo_epi64(t[i], m8, t[i], t[i + 2]);
+        r[i + 1] = _mm512_mask_unpackhi_epi64(t[i], m8, t[i], t[i + 2]);
+        r[i + 2] = _mm512_mask_unpacklo_epi64(t[i + 1], m8, t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_mask_unpackhi_epi64(t[i + 1], m8, t[i + 1], t[i + 3]);
+      }
+      for (int i = 0; i < 16; i += 8)
+        for (int q = 0; q < 4; ++q) {
+          t[i + q] = _mm512_mask_shuffle_i32x4(r[i + q], m, r[i + q], r[i + q + 4], 0x88);
+          t[i + q + 4] = _mm512_mask_shuffle_i32x4(r[i + q], m, r[i + q], r[i + q + 4], 0xdd);
+        }
+      for (int q = 0; q < 8; ++q) {
+        r[q] = _mm512_mask_shuffle_i32x4(t[q], m, t[q], t[q + 8], 0x88);
+        r[q + 8] = _mm512_mask_shuffle_i32x4(t[q], m, t[q], t[q + 8], 0xdd);
+      }
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (j0 + i) * ldd + c0, r[i]);
+    }
+    for (int c = c0; c < c0 + 16; ++c)
+      for (int j = j0; j < nj; ++j) std::memcpy(dst + j * ldd + c, src + c * lds + 4 * std::size_t(j), 4);
+  }
+#endif
+  for (int c = c0; c < nc; ++c)
+    for (int j = 0; j < nj; ++j) std::memcpy(dst + j * ldd + c, src + c * lds + 4 * std::size_t(j), 4);
 }
 #endif
 
