@@ -89,56 +89,56 @@ struct EsmmKernel {
     if constexpr (host) {
       int const rest = R.counts(e) - tile * G * Shape::TM;
       host_group(team, e, R.offsets(e) + tile * G * Shape::TM, rest < G * Shape::TM ? rest : G * Shape::TM, c0, cols);
-      return;
-    }
-    int const p0 = R.offsets(e) + tile * Shape::TM;
-    int const rows = (R.counts(e) - tile * Shape::TM) < Shape::TM ? (R.counts(e) - tile * Shape::TM) : Shape::TM;
+    } else {
+      int const p0 = R.offsets(e) + tile * Shape::TM;
+      int const rows = (R.counts(e) - tile * Shape::TM) < Shape::TM ? (R.counts(e) - tile * Shape::TM) : Shape::TM;
 
-    // The portable kernel on a device: a team of threads per tile, each
-    // thread an RM x RN block of accumulators in registers.
-    Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TM * Shape::TK));
-    Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TK * Shape::TN));
-    int const tr = team.team_rank() / (Shape::TN / Shape::RN);
-    int const tc = team.team_rank() % (Shape::TN / Shape::RN);
-    Acc acc[Shape::RM][Shape::RN];
-    for (int r = 0; r < Shape::RM; ++r)
-      for (int c = 0; c < Shape::RN; ++c) acc[r][c] = Acc(0);
+      // The portable kernel on a device: a team of threads per tile, each
+      // thread an RM x RN block of accumulators in registers.
+      Acc *xs = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TM * Shape::TK));
+      Acc *ws = static_cast<Acc *>(team.team_shmem().get_shmem(sizeof(Acc) * Shape::TK * Shape::TN));
+      int const tr = team.team_rank() / (Shape::TN / Shape::RN);
+      int const tc = team.team_rank() % (Shape::TN / Shape::RN);
+      Acc acc[Shape::RM][Shape::RN];
+      for (int r = 0; r < Shape::RM; ++r)
+        for (int c = 0; c < Shape::RN; ++c) acc[r][c] = Acc(0);
 
-    auto const we = Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL);
-    for (int k0 = 0; k0 < K; k0 += Shape::TK) {
-      int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
-      team.team_barrier();
-      // Stage X rows (through the index, gate-scaled if asked) ...
-      team_for_2d<host>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
-        Acc v = Acc(0);
-        if (r < rows && kk < tk) {
-          int const p = p0 + r;
-          int const flat = R.sorted_flat(p);
-          v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
+      auto const we = Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL);
+      for (int k0 = 0; k0 < K; k0 += Shape::TK) {
+        int const tk = (K - k0) < Shape::TK ? (K - k0) : Shape::TK;
+        team.team_barrier();
+        // Stage X rows (through the index, gate-scaled if asked) ...
+        team_for_2d<false>(team, Shape::TM, Shape::TK, [&](int r, int kk) {
+          Acc v = Acc(0);
+          if (r < rows && kk < tk) {
+            int const p = p0 + r;
+            int const flat = R.sorted_flat(p);
+            v = x.scale(flat) * to_acc<Acc>(x.rows(x.row(p, flat, k), k0 + kk));
+          }
+          xs[r * Shape::TK + kk] = v;
+        });
+        // ... and the weight chunk, transposed in place when asked.
+        if (transpose_w) {
+          team_for_2d<false>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
+            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
+          });
+        } else {
+          team_for_2d<false>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
+            ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
+          });
         }
-        xs[r * Shape::TK + kk] = v;
-      });
-      // ... and the weight chunk, transposed in place when asked.
-      if (transpose_w) {
-        team_for_2d<host>(team, Shape::TN, Shape::TK, [&](int c, int kk) {
-          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(c0 + c, k0 + kk)) : Acc(0);
-        });
-      } else {
-        team_for_2d<host>(team, Shape::TK, Shape::TN, [&](int kk, int c) {
-          ws[kk * Shape::TN + c] = (c < cols && kk < tk) ? to_acc<Acc>(we(k0 + kk, c0 + c)) : Acc(0);
-        });
+        team.team_barrier();
+        if (tr * Shape::RM < rows && tc * Shape::RN < cols)
+          device_thread_accumulate<Shape>(acc, xs, ws, tr * Shape::RM, tc * Shape::RN, tk);
       }
-      team.team_barrier();
-      if (tr * Shape::RM < rows && tc * Shape::RN < cols)
-        device_thread_accumulate<Shape>(acc, xs, ws, tr * Shape::RM, tc * Shape::RN, tk);
-    }
 
-    for (int r = 0; r < Shape::RM; ++r) {
-      int const rr = tr * Shape::RM + r;
-      if (rr >= rows) break;
-      for (int c = 0; c < Shape::RN; ++c) {
-        int const cc = tc * Shape::RN + c;
-        if (cc < cols) epilogue(e, p0 + rr, c0 + cc, k, acc[r][c]);
+      for (int r = 0; r < Shape::RM; ++r) {
+        int const rr = tr * Shape::RM + r;
+        if (rr >= rows) break;
+        for (int c = 0; c < Shape::RN; ++c) {
+          int const cc = tc * Shape::RN + c;
+          if (cc < cols) epilogue(e, p0 + rr, c0 + cc, k, acc[r][c]);
+        }
       }
     }
   }
