@@ -334,13 +334,9 @@ struct EsmmDeviceKernel {
   // 128 x 64 accumulators (and, before the loop, by the experts' tile counts),
   // then the row table (flat id, row scale, token gate of each tile row).
   static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * BM * dev::PKH * sizeof(bfloat16);
-  // float32 on the tensor cores: PSF stages of PKF k of A and of W.
-  static constexpr bool async_f32 = M == dev::Math::tf32x3_mma || M == dev::Math::tf32_mma;
-  static constexpr std::size_t async_f32_bytes = std::size_t(dev::PSF) * 2 * BM * dev::PKF * sizeof(float);
-  static constexpr std::size_t main_bytes =
-      mma_bf16 && async_bytes > dev::scratch_bytes<M>(BK, false) - 128        ? async_bytes
-      : async_f32 && async_f32_bytes > dev::scratch_bytes<M>(BK, false) - 128 ? async_f32_bytes
-                                                                               : dev::scratch_bytes<M>(BK, false) - 128;
+  static constexpr std::size_t main_bytes = mma_bf16 && async_bytes > dev::scratch_bytes<M>(BK, false) - 128
+                                                ? async_bytes
+                                                : dev::scratch_bytes<M>(BK, false) - 128;
   static constexpr std::size_t table_bytes = std::size_t(BM) * 3 * 4 + 16;  // (+ one int: the arrival order)
   // (+ 1024: stages start at multiples of 1024 bytes, as wgmma's 128-byte
   // swizzle needs.)
@@ -419,15 +415,6 @@ struct EsmmDeviceKernel {
       } else {
         main_loop_bf16(team, reinterpret_cast<bfloat16 *>(smem), rflat, acc, e, p0, rows, c0, cols, tid);
       }
-    } else if (async_f32 && vec_x && vec_w && async) {
-      // A split tile (K a multiple of 16) has its halves meet where the
-      // register-staged path's do, after half of its k steps of BKF (so that
-      // both paths add the same two partial sums).
-      int const nk = (k.K + dev::PKF - 1) / dev::PKF;
-      int const mid = (k.K / BKF) / 2 * (BKF / dev::PKF);
-      int const ks0 = half == 1 ? mid : 0, ks1 = half == 0 ? mid : nk;
-      main_loop_f32_async(team, reinterpret_cast<float *>(smem), rflat, acc, e, p0, rows, c0, cols, tid, ks0, ks1);
-      if (half >= 0 && !combine_halves(team, reinterpret_cast<int *>(rgate + BM), acc, slot, tid)) return;
     } else {
       int const nk = (k.K + BKF - 1) / BKF;
       int const ks0 = half == 1 ? nk / 2 : 0, ks1 = half == 0 ? nk / 2 : nk;
@@ -952,84 +939,6 @@ HEXAMOE_UNROLL
       }
     } else {
       (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
-    }
-  }
-
-  // float32 operands with 16-byte aligned rows on the tensor cores (3xtf32,
-  // tf32): asynchronous copies into PSF stages of PKF k, A as [BM][PKF] (rows
-  // m, swf8), B as [PKF][BN] (rows k, swf) or, transposed, [BN][PKF] (rows n,
-  // swf8); each thread copies one 16-byte chunk of A and one of B per stage,
-  // zero-filled past the valid rows, columns or K by the copy itself. The k
-  // blocks of 8 are multiplied and summed as on the register-staged path
-  // (step_f32), so both give the same bits. Stages [ks0, ks1) of PKF.
-  KOKKOS_INLINE_FUNCTION void main_loop_f32_async(member_type const &team, float *smem, int const *rflat,
-                                                  float (&acc)[8][8], int e, int p0, int rows, int c0, int cols,
-                                                  int tid, int ks0, int ks1) const {
-    if constexpr (async_f32) {
-      constexpr int PK = dev::PKF, PS = dev::PSF;
-      constexpr int tile = BM * PK;  // floats of one operand's stage
-      constexpr unsigned stage_bytes = tile * sizeof(float);
-      int const K = k.K;
-      unsigned const sA = dev::smem_u32(smem), sB = sA + PS * stage_bytes;
-      // A: row tid / 2, 4 k at 4 (tid % 2); `rem` counts the elements left
-      // in the chunk's row (A, W^T) or the k rows left (W).
-      int const ar = tid >> 1, ac = (tid & 1) * 4;
-      TX const *xa = x_row(rflat, p0, rows, ar);
-      char const *dummy = reinterpret_cast<char const *>(k.w.data());  // aligned; read for no byte
-      char const *a_src = xa ? reinterpret_cast<char const *>(xa + ac) : dummy;
-      int a_rem = xa ? K - ac : 0;
-      unsigned const a_dst = sA + 4u * static_cast<unsigned>(dev::swf8(ar, ac));
-      char const *b_src;
-      int b_rem, b_bytes = 16;
-      bool b_ok;  // this thread's chunk of W is in the tile
-      unsigned b_dst;
-      std::size_t b_step;
-      if constexpr (TransW) {  // W^T: row n tid / 2, 4 k at 4 (tid % 2)
-        int const br = tid >> 1, bc = (tid & 1) * 4;
-        b_ok = br < cols;
-        b_src = b_ok ? reinterpret_cast<char const *>(&k.w(e, c0 + br, 0) + bc) : dummy;
-        b_rem = br < cols ? K - bc : 0;
-        b_dst = sB + 4u * static_cast<unsigned>(dev::swf8(br, bc));
-        b_step = PK * sizeof(TW);
-      } else {  // W: row k tid / 32, 4 columns at 4 (tid % 32)
-        int const br = tid >> 5, bc = (tid & 31) * 4;
-        int const bn = cols - bc < 0 ? 0 : (cols - bc > 4 ? 4 : cols - bc);
-        b_ok = bn > 0 && br < K;
-        b_src = b_ok ? reinterpret_cast<char const *>(&k.w(e, br, c0 + bc)) : dummy;
-        b_rem = bn > 0 ? K - br : 0;
-        b_bytes = 4 * bn;
-        b_dst = sB + 4u * static_cast<unsigned>(dev::swf(br, bc));
-        b_step = std::size_t(PK) * k.w.stride_1() * sizeof(TW);
-      }
-      std::size_t const a_adv = xa ? PK * sizeof(TX) : 0, b_adv = b_ok ? b_step : 0;
-      a_src += ks0 * a_adv;  // start at stage ks0 (the second half of a split tile)
-      b_src += ks0 * b_adv;
-      a_rem -= ks0 * PK;
-      b_rem -= ks0 * PK;
-      unsigned off_w = 0;  // byte offset of the stage the next issue fills
-      auto issue = [&]() {
-        int const an = a_rem < 0 ? 0 : (a_rem > 4 ? 4 : a_rem);
-        dev::cp_async16_at(a_dst + off_w, an > 0 ? a_src : dummy, 4 * an);
-        int bb;
-        if constexpr (TransW) {
-          bb = 4 * (b_rem < 0 ? 0 : (b_rem > 4 ? 4 : b_rem));
-        } else {
-          bb = b_rem > 0 ? b_bytes : 0;
-        }
-        dev::cp_async16_at(b_dst + off_w, bb > 0 ? b_src : dummy, bb);
-        a_src += a_adv;
-        a_rem -= PK;
-        b_src += b_adv;
-        b_rem -= PK;
-        off_w = off_w + stage_bytes == PS * stage_bytes ? 0u : off_w + stage_bytes;
-      };
-      dev::async_pipeline<PS>(team, ks1 - ks0, issue, [&](int slot) {
-        dev::step_f32_sw<M, false, true, TransW>(acc, smem + slot * tile, smem + (PS + slot) * tile, nullptr, nullptr,
-                                                 tid);
-      });
-    } else {
-      (void)team, (void)smem, (void)rflat, (void)acc, (void)e, (void)p0, (void)rows, (void)c0, (void)cols, (void)tid;
-      (void)ks0, (void)ks1;
     }
   }
 

@@ -219,15 +219,8 @@ struct EstmmDeviceKernel {
   static constexpr bool async_ok = mma_bf16;
   static constexpr std::size_t async_bytes = std::size_t(dev::PSH) * 2 * dev::PKH * BM * sizeof(bfloat16) +
                                              (Scaled ? std::size_t(dev::PSH) * dev::PKH * sizeof(float) : 0) + 128;
-  // float32 on the tensor cores: asynchronous copies of PSF stages of PKF
-  // positions (rows as stored, swizzled), the row scales beside them.
-  static constexpr bool async_f32 = M == dev::Math::tf32x3_mma || M == dev::Math::tf32_mma;
-  static constexpr std::size_t async_f32_bytes =
-      std::size_t(dev::PSF) * 2 * dev::PKF * (BM + (Scaled ? 1 : 0)) * sizeof(float) + 128;
   KOKKOS_INLINE_FUNCTION static constexpr std::size_t scratch() {
-    return async_ok && async_bytes > dev::scratch_bytes<M>(BK, lo)           ? async_bytes
-           : async_f32 && async_f32_bytes > dev::scratch_bytes<M>(BK, lo) ? async_f32_bytes
-                                                                            : dev::scratch_bytes<M>(BK, lo);
+    return async_ok && async_bytes > dev::scratch_bytes<M>(BK, lo) ? async_bytes : dev::scratch_bytes<M>(BK, lo);
   }
 
   KOKKOS_INLINE_FUNCTION void operator()(member_type const &team) const {
@@ -260,8 +253,6 @@ struct EstmmDeviceKernel {
       } else {
         main_loop_bf16(team, static_cast<bfloat16 *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
       }
-    } else if (async_f32 && vec_a && vec_b && async) {
-      main_loop_f32_async(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
     } else {
       main_loop_f32(team, static_cast<float *>(smem), acc, bsum, do_bias, pbeg, pend, m0, rows, n0, cols, tid);
     }
@@ -312,8 +303,8 @@ struct EstmmDeviceKernel {
 
   // bf16 operands with 16-byte aligned rows: asynchronous copies into PSH
   // stages of 16 positions (see the ESMM kernel); the flat ids of a stage are
-  // read one stage before its copies are issued. With Scaled (dW2's g dy,
-  // HEXAMOE_ASYNC_COPY=all) the product of a position's two scales goes beside
+  // read one stage before its copies are issued. With Scaled (dW2's g dy;
+  // HEXAMOE_ASYNC_COPY=stored stages it through registers) the product of a position's two scales goes beside
   // its stage and B's fragments are scaled and split into hi + lo as they are
   // read (dev::mma_k16_bf16_scaled): the same products, in the same order, as
   // main_loop_bf16 forms from the operands it scales as it stages.
@@ -376,71 +367,6 @@ HEXAMOE_UNROLL
             } else {
               bsum += static_cast<float>(sb[dev::sw128(kk, tid)]);
             }
-          }
-        }
-      });
-    } else {
-      (void)team, (void)smem, (void)acc, (void)bsum, (void)do_bias, (void)pbeg, (void)pend, (void)m0, (void)rows,
-          (void)n0, (void)cols, (void)tid;
-    }
-  }
-
-  // float32 operands with 16-byte aligned rows on the tensor cores:
-  // asynchronous copies into PSF stages of PKF positions, rows as stored (A's
-  // columns m, B's columns n, swizzled by swf); a gate-scaled operand's scales
-  // are written beside its stage and applied as fragments are read (the same
-  // float products as the register-staged path, which applies them as it
-  // stages), so both paths give the same bits.
-  KOKKOS_INLINE_FUNCTION void main_loop_f32_async(member_type const &team, float *smem, float (&acc)[8][8],
-                                                  float &bsum, bool do_bias, int pbeg, int pend, int m0, int rows,
-                                                  int n0, int cols, int tid) const {
-    if constexpr (async_f32) {
-      constexpr int PK = dev::PKF, PS = dev::PSF;
-      constexpr int tile = PK * BM;  // floats of one operand's stage
-      constexpr unsigned tile_bytes = tile * sizeof(float);
-      float const *sBp = smem + PS * tile;
-      float *sS = smem + 2 * PS * tile;  // PS x {A's scales [PK], B's scales [PK]} (Scaled only)
-      unsigned const sA = dev::smem_u32(smem), sB = sA + PS * tile_bytes;
-      // This thread copies position row tid / 32 of each stage, 4 columns at
-      // 4 (tid % 32) of A and of B.
-      int const pr = tid >> 5, cc = (tid & 31) * 4;
-      int const an = rows - cc < 0 ? 0 : (rows - cc > 4 ? 4 : rows - cc);
-      int const bn = cols - cc < 0 ? 0 : (cols - cc > 4 ? 4 : cols - cc);
-      unsigned const dst = 4u * static_cast<unsigned>(dev::swf(pr, cc));
-      void const *dummy = k.a.rows.data();  // aligned; read for no byte
-      int fl = fetch_flat(pbeg + pr, pend);  // flat id of the next stage's row
-      int p = pbeg + pr, slot_w = 0;
-      auto issue = [&]() {
-        TA const *ap = row_ptr(k.a, p, fl, m0 + cc);
-        TB const *bp = row_ptr(k.b, p, fl, n0 + cc);
-        unsigned const off = slot_w * tile_bytes + dst;
-        dev::cp_async16_at(sA + off, ap && an > 0 ? static_cast<void const *>(ap) : dummy, ap ? 4 * an : 0);
-        dev::cp_async16_at(sB + off, bp && bn > 0 ? static_cast<void const *>(bp) : dummy, bp ? 4 * bn : 0);
-        if constexpr (Scaled) {
-          if ((tid & 31) == 0) {
-            float sa, sb;
-            scales(fl, sa, sb);
-            sS[slot_w * 2 * PK + pr] = sa;
-            sS[slot_w * 2 * PK + PK + pr] = sb;
-          }
-        }
-        p += PK;
-        fl = fetch_flat(p, pend);
-        slot_w = slot_w + 1 == PS ? 0 : slot_w + 1;
-      };
-      dev::async_pipeline<PS>(team, (pend - pbeg + PK - 1) / PK, issue, [&](int slot_r) {
-        float const *a = smem + slot_r * tile, *b = sBp + slot_r * tile;
-        float const *ssa = sS + slot_r * 2 * PK, *ssb = ssa + PK;
-        dev::step_f32_sw<M, Scaled>(acc, a, b, ssa, ssb, tid);
-        if (do_bias && tid < BN) {
-HEXAMOE_UNROLL
-          for (int kk = 0; kk < PK; ++kk) {
-            // The value the register path stages and sums: the rounded
-            // product (no fused multiply-add), tf32-rounded in tf32 mode.
-            float v = b[dev::swf(kk, tid)];
-            if constexpr (Scaled) v = dev::mul_rn(v, ssb[kk]);
-            if constexpr (M == dev::Math::tf32_mma) v = dev::to_tf32(v);
-            bsum += v;
           }
         }
       });

@@ -18,11 +18,10 @@
 // below (128 x 128 tiles, 256 threads, 16-byte loads into team scratch:
 // asynchronous copies in five stages for aligned bf16 on CUDA, else a
 // register-staged double buffer): bf16 on CUDA with tensor cores (mma.sync,
-// or wgmma in sm_90a machine code: Wgmma.hpp);
-// float32, and bf16 elsewhere, with an 8 x 8 register-blocked FMA
-// micro-kernel unless HEXAMOE_F32_MATH asks for tensor cores (three tf32
-// products, or one). The generic tile above remains for double and mixed
-// storage types.
+// or wgmma in sm_90a machine code: Wgmma.hpp); float32 on CUDA with tensor
+// cores too (three tf32 products by default, HEXAMOE_F32_MATH below); both,
+// on other devices, with an 8 x 8 register-blocked FMA micro-kernel. The
+// generic tile above remains for double and mixed storage types.
 #pragma once
 
 #include "BFloat16.hpp"
@@ -484,8 +483,6 @@ constexpr int BKF = 16, LDF = BM + 8;        // float scratch: k step, row pitch
 constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM (register-staged)
 constexpr int PKH = 16, PSH = 5;             // bf16 ESMM with asynchronous copies: k step, stages
 constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
-constexpr int PKF = 8, PSF = 5;              // float32 with asynchronous copies: k step, stages
-static_assert(BKF % PKF == 0 && PKF == 8, "float32 k steps are whole tensor-core k blocks of 8");
 
 // 16 bytes of operand data in registers.
 struct alignas(16) Vec16 {
@@ -714,23 +711,24 @@ KOKKOS_INLINE_FUNCTION Float4 load_cg(float const *p) {
 // asynchronous copies (cp.async, sm_80 and later) where their rows are 16-byte
 // aligned, instead of through registers into a double buffer
 // (HEXAMOE_ASYNC_COPY in the environment, read once):
-// - "1" or unset (default): bf16 operands as stored;
-// - "all": also float32 operands on the tensor cores (3xtf32, tf32; ESMM and
-//   ESTMM) and the gate-scaled bf16 operand of ESTMM (dW2's g dy), whose row
-//   scales apply as fragments are read (the same float products and the same
-//   order of tensor-core products as the register path, so the same bits).
-//   Off by default until it has been timed against the default on a GPU
-//   (docs/PERFORMANCE.md);
+// - "1" or unset (default): the bf16 operands, including ESTMM's gate-scaled
+//   one (dW2's g dy), whose row scales apply as fragments are read (the same
+//   float products and the same order of tensor-core products as the
+//   register path, so the same bits);
+// - "stored": only the bf16 operands as stored (the gate-scaled one through
+//   registers; the default before it was timed, for comparison);
 // - "0": none (for comparison and diagnosis).
-// Other values are an error that names them.
-enum class AsyncCopies { none, stored_bf16, all };
+// float32 operands always go through registers: the asynchronous float32
+// path, timed on H200, was 5-30% slower in every kernel and was removed
+// (docs/PERFORMANCE.md). Other values are an error that names them.
+enum class AsyncCopies { none, stored_bf16, bf16 };
 
 inline AsyncCopies parse_async_copies(char const *v) {
   std::string const s = v == nullptr ? "" : v;
-  if (s.empty() || s == "1") return AsyncCopies::stored_bf16;
+  if (s.empty() || s == "1") return AsyncCopies::bf16;
   if (s == "0") return AsyncCopies::none;
-  if (s == "all") return AsyncCopies::all;
-  throw std::invalid_argument("HEXAMOE_ASYNC_COPY='" + s + "' is not 0, 1 or all");
+  if (s == "stored") return AsyncCopies::stored_bf16;
+  throw std::invalid_argument("HEXAMOE_ASYNC_COPY='" + s + "' is not 0, 1 or stored");
 }
 inline AsyncCopies &async_copy_setting() {
   static AsyncCopies a = parse_async_copies(std::getenv("HEXAMOE_ASYNC_COPY"));
@@ -741,7 +739,7 @@ inline bool async_copies() { return async_copy_setting() != AsyncCopies::none; }
 // stage with asynchronous copies.
 inline bool async_copies_for(Math m, bool gated) {
   AsyncCopies const a = async_copy_setting();
-  return a == AsyncCopies::all || (a == AsyncCopies::stored_bf16 && m == Math::bf16_mma && !gated);
+  return m == Math::bf16_mma && (a == AsyncCopies::bf16 || (a == AsyncCopies::stored_bf16 && !gated));
 }
 
 KOKKOS_INLINE_FUNCTION void cp_async_commit() {
@@ -1159,93 +1157,6 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
       }
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
-    }
-  }
-}
-
-// Float scratch of asynchronous copies: rows of 128 floats (no padding), the
-// 16-byte chunks of row r at column c ^ 8 (r & 3), so that the fragment reads
-// of a k step (rows t and t + 4, columns g + 8 j) hit 32 distinct banks.
-KOKKOS_INLINE_FUNCTION int swf(int r, int c) { return r * 128 + (c ^ ((r & 3) << 3)); }
-// Rows of 8 floats (two 16-byte chunks), the chunks of rows 4..7 of every 8
-// swapped, so that the fragment reads (rows g + 8 j, columns t and t + 4)
-// hit 32 distinct banks.
-KOKKOS_INLINE_FUNCTION int swf8(int r, int c) { return r * 8 + ((((c >> 2) ^ (r >> 2)) & 1) << 2) + (c & 3); }
-
-// One k step of 8 from swizzled float scratch: A as [8][128] (rows k,
-// columns m, swf) or with A_MK as [128][8] (rows m, swf8); B as [8][128]
-// (rows k, columns n, swf) or with B_NK as [128][8] (rows n, swf8). With
-// Scaled, each row k of A and of B is multiplied by its scale (sa[k], sb[k])
-// as it is read, in float, as the register-staged path multiplies it as it
-// stages. tf32 tensor cores (rounded to tf32 as read) or 3xtf32 with the
-// block sums of step_f32, so the results equal step_f32's bit for bit.
-template <Math M, bool Scaled, bool A_MK = false, bool B_NK = false>
-KOKKOS_INLINE_FUNCTION void step_f32_sw(float (&acc)[8][8], float const *sA, float const *sB, float const *sa,
-                                        float const *sb, int tid) {
-  static_assert(M == Math::tf32_mma || M == Math::tf32x3_mma, "step_f32_sw: tensor-core float32 only");
-  int const lane = tid & 31, warp = tid >> 5;
-  int const g = lane >> 2, t = lane & 3;
-  int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
-  // Element (k, m) of A and (k, n) of B in scratch. This lane's fragments
-  // (PTX m16n8k8 tf32): A (m, k) at (g, t), (g + 8, t), (g, t + 4),
-  // (g + 8, t + 4) of each 16-row block; B (k, n) at (t, g), (t + 4, g).
-  auto ia = [](int kk, int m) { return A_MK ? swf8(m, kk) : swf(kk, m); };
-  auto ib = [](int kk, int n) { return B_NK ? swf8(n, kk) : swf(kk, n); };
-  float sb0 = 1.f, sb1 = 1.f, sa0 = 1.f, sa1 = 1.f;
-  if constexpr (Scaled) {
-    sa0 = sa[t], sa1 = sa[t + 4];
-    sb0 = sb[t], sb1 = sb[t + 4];
-  }
-  auto rd = [](float const *tile, int i, float s) {
-    if constexpr (Scaled) {
-      return mul_rn(tile[i], s);  // the product the register path stores, then splits
-    } else {
-      (void)s;
-      return tile[i];
-    }
-  };
-  if constexpr (M == Math::tf32_mma) {
-    unsigned a[4][4], b[4][2];
-    for (int mi = 0; mi < 4; ++mi) {
-      int const m = wm0 + mi * 16 + g;
-      a[mi][0] = float_bits(to_tf32(rd(sA, ia(t, m), sa0)));
-      a[mi][1] = float_bits(to_tf32(rd(sA, ia(t, m + 8), sa0)));
-      a[mi][2] = float_bits(to_tf32(rd(sA, ia(t + 4, m), sa1)));
-      a[mi][3] = float_bits(to_tf32(rd(sA, ia(t + 4, m + 8), sa1)));
-    }
-    for (int ni = 0; ni < 4; ++ni) {
-      int const n = wn0 + ni * 8 + g;
-      b[ni][0] = float_bits(to_tf32(rd(sB, ib(t, n), sb0)));
-      b[ni][1] = float_bits(to_tf32(rd(sB, ib(t + 4, n), sb1)));
-    }
-    for (int mi = 0; mi < 4; ++mi)
-      for (int ni = 0; ni < 4; ++ni)
-        mma_tf32(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni], acc[2 * mi + 1][2 * ni + 1],
-                 a[mi], b[ni][0], b[ni][1]);
-  } else {
-    unsigned bh[4][2], bl[4][2];
-    for (int ni = 0; ni < 4; ++ni) {
-      int const n = wn0 + ni * 8 + g;
-      split_tf32(rd(sB, ib(t, n), sb0), bh[ni][0], bl[ni][0]);
-      split_tf32(rd(sB, ib(t + 4, n), sb1), bh[ni][1], bl[ni][1]);
-    }
-    for (int mi = 0; mi < 4; ++mi) {
-      int const m = wm0 + mi * 16 + g;
-      unsigned ah[4], al[4];
-      split_tf32(rd(sA, ia(t, m), sa0), ah[0], al[0]);
-      split_tf32(rd(sA, ia(t, m + 8), sa0), ah[1], al[1]);
-      split_tf32(rd(sA, ia(t + 4, m), sa1), ah[2], al[2]);
-      split_tf32(rd(sA, ia(t + 4, m + 8), sa1), ah[3], al[3]);
-      float d[4][4];
-      for (int ni = 0; ni < 4; ++ni) mma_tf32_zero(d[ni], al, bh[ni][0], bh[ni][1]);  // small terms first
-      for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bl[ni][0], bl[ni][1]);
-      for (int ni = 0; ni < 4; ++ni) mma_tf32(d[ni][0], d[ni][1], d[ni][2], d[ni][3], ah, bh[ni][0], bh[ni][1]);
-      for (int ni = 0; ni < 4; ++ni) {
-        acc[2 * mi][2 * ni] += d[ni][0];
-        acc[2 * mi][2 * ni + 1] += d[ni][1];
-        acc[2 * mi + 1][2 * ni] += d[ni][2];
-        acc[2 * mi + 1][2 * ni + 1] += d[ni][3];
-      }
     }
   }
 }
