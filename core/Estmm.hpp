@@ -304,9 +304,10 @@ struct EstmmDeviceKernel {
   // bf16 operands with 16-byte aligned rows: asynchronous copies into PSH
   // stages of 16 positions (see the ESMM kernel); the flat ids of a stage are
   // read one stage before its copies are issued. With Scaled (dW2's g dy;
-  // HEXAMOE_ASYNC_COPY=stored stages it through registers) the product of a position's two scales goes beside
-  // its stage and B's fragments are scaled and split into hi + lo as they are
-  // read (dev::mma_k16_bf16_scaled): the same products, in the same order, as
+  // HEXAMOE_ASYNC_COPY=stored stages it through registers instead) the
+  // product of a position's two scales goes beside its stage and B's
+  // fragments are scaled and split into hi + lo as they are read
+  // (dev::mma_k16_bf16_scaled): the same products, in the same order, as
   // main_loop_bf16 forms from the operands it scales as it stages.
   KOKKOS_INLINE_FUNCTION void main_loop_bf16_async(member_type const &team, bfloat16 *smem, float (&acc)[8][8],
                                                    float &bsum, bool do_bias, int pbeg, int pend, int m0, int rows,
