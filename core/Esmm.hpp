@@ -1042,8 +1042,9 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
   // wave of extra teams.
   bool const split_ok = M == dev::Math::bf16_mma ? vec_x && vec_w && dev::async_copies()
                                                 : M == dev::Math::tf32x3_mma || M == dev::Math::tf32_mma;
-  int const slots =
-      split_ok && base.K % dev::PKH == 0 && base.K >= 2 * dev::PKH ? dev::tail_slots(space, M == dev::Math::bf16_mma) : 0;
+  int const slots = split_ok && base.K % dev::PKH == 0 && base.K >= 2 * dev::PKH
+                        ? dev::tail_slots(space, M == dev::Math::bf16_mma, dev::esmm_teams_per_sm(M))
+                        : 0;
   // Pairs of output elements: every row an even count of aligned elements.
   auto even_rows = [](auto const &v) {
     using V = typename std::decay_t<decltype(v)>::value_type;
@@ -1058,8 +1059,8 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
     // Light weight: the functor travels as a kernel argument (a constant-memory
     // launch would make the host wait for the previous such kernel).
     auto policy = Kokkos::Experimental::require(
-        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, 2>>(space, row_tiles * col_tiles + slots / 2,
-                                                                           dev::NT),
+        Kokkos::TeamPolicy<ExecutionSpace, Kokkos::LaunchBounds<dev::NT, dev::esmm_teams_per_sm(M)>>(
+            space, row_tiles * col_tiles + slots / 2, dev::NT),
         Kokkos::Experimental::WorkItemProperty::HintLightWeight);
     policy.set_scratch_size(0, Kokkos::PerTeam(Kernel::scratch()));
     Kokkos::parallel_for(dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T" : ""), policy, kernel);

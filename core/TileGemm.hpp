@@ -484,6 +484,13 @@ constexpr int BKH = 32;                      // bf16 scratch: k step of ESMM (re
 constexpr int PKH = 16, PSH = 5;             // bf16 ESMM with asynchronous copies: k step, stages
 constexpr int LDE = 64 + 4;                  // epilogue staging: row pitch (floats) of 64 columns
 
+// Teams of NT threads an ESMM launch asks to keep resident on a CUDA
+// multiprocessor (the minimum of its launch bounds): two, with registers
+// capped at 128 a thread, except for the 3xtf32 kernels, whose hi + lo
+// fragments spilled 400-900 bytes a thread under that cap (ptxas); they get
+// one team and up to 255 registers (timed in docs/PERFORMANCE.md).
+constexpr int esmm_teams_per_sm(Math m) { return m == Math::tf32x3_mma ? 1 : 2; }
+
 // 16 bytes of operand data in registers.
 struct alignas(16) Vec16 {
   unsigned u[4];
@@ -633,17 +640,18 @@ bool vector_ok(T const *data, std::size_t pitch, int width) {
 
 // --- the tail split of the expert GEMMs ---------------------------------------
 
-// Resident teams of 256 threads with two per streaming multiprocessor: the
-// space's concurrency (2048 threads each) / 1024; none for bf16 where the
-// wgmma path runs. HEXAMOE_TAIL_SPLIT=0 in the environment turns the split
-// off (for comparison); tail_slots_override() sets the slots (tests use small
-// values so that small problems split, on either path).
+// Resident teams of 256 threads: the space's concurrency (2048 threads per
+// streaming multiprocessor) / 2048 times the teams a multiprocessor keeps
+// (esmm_teams_per_sm); none for bf16 where the wgmma path runs.
+// HEXAMOE_TAIL_SPLIT=0 in the environment turns the split off (for
+// comparison); tail_slots_override() sets the slots (tests use small values
+// so that small problems split, on either path).
 inline int &tail_slots_override() {
   static int v = 0;
   return v;
 }
 template <class ExecutionSpace>
-int tail_slots(ExecutionSpace const &space, bool bf16) {
+int tail_slots(ExecutionSpace const &space, bool bf16, int teams_per_sm) {
   static bool const off = [] {
     char const *v = std::getenv("HEXAMOE_TAIL_SPLIT");
     return v != nullptr && v[0] == '0';
@@ -653,7 +661,7 @@ int tail_slots(ExecutionSpace const &space, bool bf16) {
   // With wgmma (Hopper, sm_90a code) the bf16 split measured slower (H200,
   // swinS-s3-top1 bf16 forward 0.280 against 0.267 ms without it).
   if (bf16 && wgmma_in_use(space)) return 0;
-  return static_cast<int>(std::max<long>(1, static_cast<long>(space.concurrency()) / 1024));
+  return static_cast<int>(std::max<long>(1, static_cast<long>(space.concurrency()) / 2048 * teams_per_sm));
 }
 
 // Buffers of the split tiles: `slots` x `per_slot` floats of partial
