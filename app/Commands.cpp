@@ -6,6 +6,7 @@
 #include "app/Trainer.hpp"
 #include "bench/LayerBench.hpp"
 #include "bench/StackBench.hpp"
+#include "core/SideStream.hpp"
 #include "core/TileGemm.hpp"
 #include "io/Deck.hpp"
 #include "io/InputError.hpp"
@@ -154,6 +155,7 @@ int run(int argc, char **argv) {
     (void)detail::dev::float32_math();
     (void)detail::dev::async_copy_setting();
     (void)detail::router_mma_env();
+    (void)detail::backward_streams_enabled();
     if (*check_cmd) {
       Deck deck = collectively(MPI_COMM_WORLD, [&] { return load_deck(deck_path, overrides); });
       int n = 1;

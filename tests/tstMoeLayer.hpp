@@ -295,6 +295,56 @@ TEST(MoeLayer, BitIdenticalOutputsAndGradients) {
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(double)));
 }
 
+// The backward's weight gradients on the side queue (CUDA: a second stream
+// beside the input gradients, core/SideStream.hpp) against the same
+// backward with everything on one queue, bit for bit, several times over:
+// an ordering the streams miss shows as a difference. Top-1 (dx fused into
+// the token rows) and top-2 (dx through o's buffer); sizes that keep a GPU
+// busy long enough for the two queues to overlap. On the other backends
+// both runs take one queue (the comparison then only checks determinism).
+TEST(MoeLayer, BackwardSideQueueMatchesOneQueue) {
+  bool const gpu = !Kokkos::SpaceAccessibility<Kokkos::HostSpace, Mem>::accessible;
+  for (int k : {1, 2}) {
+    Case c = gpu ? Case{8192, 256, 512, 8, k, Activation::gelu, false, 0.0, 0.0}
+                 : Case{512, 32, 64, 4, k, Activation::gelu, false, 0.0, 0.0};
+    MoeLayer<float, Space> L(config_of(c));
+    randomise(L, c, 11);
+    std::mt19937 rng(12);
+    V2<float> x = test::to_view<float>(test::random_vec(std::size_t(c.T) * c.d, rng), V2<float>("x", c.T, c.d));
+    V2<float> dy = test::to_view<float>(test::random_vec(std::size_t(c.T) * c.d, rng), V2<float>("dy", c.T, c.d));
+    V2<float> y("y", c.T, c.d), dx("dx", c.T, c.d);
+    auto run = [&](int streams) {
+      detail::backward_streams_override() = streams;
+      L.forward(Space(), x, y);
+      L.backward(Space(), dy, dx);
+      detail::backward_streams_override() = 0;
+      Vec all = test::from_view(dx);
+      for (Vec v : {test::from_view(L.w1_grad), test::from_view(L.w2_grad), test::from_view(L.b1_grad),
+                    test::from_view(L.b2_grad), test::from_view(L.router.weight_grad)})
+        all.insert(all.end(), v.begin(), v.end());
+      return all;
+    };
+    Vec const one = run(-1);
+    for (int rep = 0; rep < 3; ++rep) {
+      Vec const two = run(1);
+      ASSERT_EQ(one.size(), two.size());
+      EXPECT_EQ(0, std::memcmp(one.data(), two.data(), one.size() * sizeof(double))) << "top-" << k << ", run " << rep;
+    }
+  }
+}
+
+TEST(MoeLayer, BackwardStreamsSwitchRejectsUnknownValues) {
+  EXPECT_TRUE(detail::parse_backward_streams(nullptr));  // on by default
+  EXPECT_TRUE(detail::parse_backward_streams("1"));
+  EXPECT_FALSE(detail::parse_backward_streams("0"));
+  try {
+    detail::parse_backward_streams("two");
+    FAIL() << "no error";
+  } catch (std::invalid_argument const &e) {
+    EXPECT_NE(std::string(e.what()).find("HEXAMOE_BACKWARD_STREAMS='two'"), std::string::npos) << e.what();
+  }
+}
+
 // The router alone, kernel by kernel, against a float64 reference, under the
 // backend's launch shape and under GPU-like and odd shapes (vector lanes,
 // token chunks and column blocks that divide nothing), with several expert
