@@ -21,6 +21,7 @@
 
 #include "BFloat16.hpp"
 #include "Compat.hpp"
+#include "EnvSwitch.hpp"
 #include "TileGemm.hpp"
 
 #include <Kokkos_Core.hpp>
@@ -47,12 +48,7 @@ inline int &router_mma_override() {
 // The router's forward runs on the tensor cores where they apply (the default,
 // measured 6-11% faster on the bf16 layer forward: docs/PERFORMANCE.md);
 // HEXAMOE_ROUTER_MMA=0 in the environment selects the vector-lane kernels.
-inline bool parse_router_mma(char const *v) {
-  std::string const s = v == nullptr ? "" : v;
-  if (s.empty() || s == "1") return true;
-  if (s == "0") return false;
-  throw std::invalid_argument("HEXAMOE_ROUTER_MMA='" + s + "' is not 0 or 1");
-}
+inline bool parse_router_mma(char const *v) { return parse_env_switch("HEXAMOE_ROUTER_MMA", v); }
 inline bool router_mma_env() {
   static bool const on = parse_router_mma(std::getenv("HEXAMOE_ROUTER_MMA"));
   return on;

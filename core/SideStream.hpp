@@ -19,6 +19,8 @@
 // other value of the variable is an error that names it.
 #pragma once
 
+#include "EnvSwitch.hpp"
+
 #include <Kokkos_Core.hpp>
 
 #include <cstdlib>
@@ -32,12 +34,7 @@ inline int &backward_streams_override() {
   static int v = 0;
   return v;
 }
-inline bool parse_backward_streams(char const *v) {
-  std::string const s = v == nullptr ? "" : v;
-  if (s.empty() || s == "1") return true;
-  if (s == "0") return false;
-  throw std::invalid_argument("HEXAMOE_BACKWARD_STREAMS='" + s + "' is not 0 or 1");
-}
+inline bool parse_backward_streams(char const *v) { return parse_env_switch("HEXAMOE_BACKWARD_STREAMS", v); }
 inline bool backward_streams_enabled() {
   if (backward_streams_override() != 0) return backward_streams_override() > 0;
   static bool const on = parse_backward_streams(std::getenv("HEXAMOE_BACKWARD_STREAMS"));

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace {
 
@@ -333,18 +334,6 @@ TEST(MoeLayer, BackwardSideQueueMatchesOneQueue) {
   }
 }
 
-TEST(MoeLayer, BackwardStreamsSwitchRejectsUnknownValues) {
-  EXPECT_TRUE(detail::parse_backward_streams(nullptr));  // on by default
-  EXPECT_TRUE(detail::parse_backward_streams("1"));
-  EXPECT_FALSE(detail::parse_backward_streams("0"));
-  try {
-    detail::parse_backward_streams("two");
-    FAIL() << "no error";
-  } catch (std::invalid_argument const &e) {
-    EXPECT_NE(std::string(e.what()).find("HEXAMOE_BACKWARD_STREAMS='two'"), std::string::npos) << e.what();
-  }
-}
-
 // The router alone, kernel by kernel, against a float64 reference, under the
 // backend's launch shape and under GPU-like and odd shapes (vector lanes,
 // token chunks and column blocks that divide nothing), with several expert
@@ -521,16 +510,22 @@ TEST(MoeLayer, RouterKernelsUnderSeveralShapes) {
       }
 }
 
-TEST(MoeLayer, RouterMmaSwitchRejectsUnknownValues) {
-  EXPECT_TRUE(detail::parse_router_mma(nullptr));  // on by default
-  EXPECT_TRUE(detail::parse_router_mma(""));
-  EXPECT_TRUE(detail::parse_router_mma("1"));
-  EXPECT_FALSE(detail::parse_router_mma("0"));
-  try {
-    detail::parse_router_mma("yes");
-    FAIL() << "no error";
-  } catch (std::invalid_argument const &e) {
-    EXPECT_NE(std::string(e.what()).find("HEXAMOE_ROUTER_MMA='yes'"), std::string::npos) << e.what();
+// The environment's on/off switches: unset, empty or 1 is on, 0 off, and
+// anything else an error that names the variable.
+TEST(MoeLayer, EnvironmentSwitchesRejectUnknownValues) {
+  std::pair<char const *, bool (*)(char const *)> const switches[] = {
+      {"HEXAMOE_ROUTER_MMA", &detail::parse_router_mma}, {"HEXAMOE_BACKWARD_STREAMS", &detail::parse_backward_streams}};
+  for (auto const &[name, parse] : switches) {
+    EXPECT_TRUE(parse(nullptr)) << name;  // on by default
+    EXPECT_TRUE(parse("")) << name;
+    EXPECT_TRUE(parse("1")) << name;
+    EXPECT_FALSE(parse("0")) << name;
+    try {
+      parse("yes");
+      ADD_FAILURE() << name << ": no error";
+    } catch (std::invalid_argument const &e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(name) + "='yes'"), std::string::npos) << e.what();
+    }
   }
 }
 
