@@ -8,6 +8,8 @@
 // Backward: dg = <dy, o>; dW2, db2 = ESTMM/ESS(h, g dy) (one pass);
 //           dz1 = ESMM(g dy, W2^T) * act'(z1) (written over z1);
 //           dW1, db1 = ESTMM/ESS(x, dz1); dx = sum_j ESMM(dz1, W1^T) + router part.
+//           On CUDA the two ESTMMs run on a second stream beside the ESMMs
+//           (SideStream.hpp).
 // No dispatch buffer, no padding, no dropped tokens (unless a capacity factor
 // is set to reproduce padded peers), no transposed weight copies.
 //
