@@ -220,8 +220,8 @@ class MoeLayer {
     // gradients (ESMM) on space: on a GPU each fills the multiprocessors the
     // other's last wave leaves idle (SideStream.hpp; elsewhere one queue).
     detail::SideStream<ExecutionSpace> const side(space);
-    detail::SideStreamJoin<ExecutionSpace> const join(side, space);  // space waits for the side queue on return
-    side.wait_for(space);
+    detail::SideStreamJoin<ExecutionSpace> const join(side);  // space waits for the side queue on return
+    side.wait_for();
     // dW2 = ESTMM(h, g dy), db2 = ESS(g dy) fused (reads h, dy, g; not z1 or o).
     estmm(side.side(), R, sorted_rows(Matrix<T const, memory_space>(h_)), gdy, w2_grad,
           bias2 ? b2_grad : Matrix<Acc, memory_space>());
@@ -237,7 +237,7 @@ class MoeLayer {
     auto const dz1 = Matrix<T const, memory_space>(z1_);
     backward_done_ = true;
     // dW1 = ESTMM(x, dz1), db1 = ESS(dz1) fused, once dz1 is written.
-    side.wait_for(space);
+    side.wait_for();
     estmm(side.side(), R, token_rows(x_), sorted_rows(dz1), w1_grad, b1_grad);
     // dx = sum_j dz1 W1^T (fused into token rows for dropless top-1).
     {

@@ -5,8 +5,9 @@
 //
 // On CUDA the side queue is one process-wide Kokkos::Cuda instance on its
 // own stream, ordered against the caller's instance with events (no host
-// waits): wait_for(main) makes the side queue wait for what main has queued
-// so far, join(main) makes main wait for what the side queue has queued.
+// waits): wait_for() makes the side queue wait for what the caller's
+// instance has queued so far, join() makes the caller's instance wait for
+// what the side queue has queued.
 // Everywhere else (host backends, HIP) side() is the caller's own instance
 // and both calls do nothing, so the order is the program order.
 //
@@ -46,8 +47,8 @@ class SideStream {
  public:
   explicit SideStream(ExecutionSpace const &main) : main_(main) {}
   ExecutionSpace const &side() const { return main_; }
-  void wait_for(ExecutionSpace const &) const {}
-  void join(ExecutionSpace const &) const {}
+  void wait_for() const {}
+  void join() const {}
 
  private:
   ExecutionSpace main_;
@@ -98,15 +99,15 @@ class SideStream<Kokkos::Cuda> {
   explicit SideStream(Kokkos::Cuda const &main)
       : main_(main), s_(backward_streams_enabled() ? &side_stream_impl::cuda_side() : nullptr) {}
   Kokkos::Cuda const &side() const { return s_ != nullptr ? *s_->space : main_; }
-  void wait_for(Kokkos::Cuda const &main) const {
+  void wait_for() const {
     if (s_ == nullptr) return;
-    side_stream_impl::check(cudaEventRecord(s_->main_done, main.cuda_stream()), "cudaEventRecord");
+    side_stream_impl::check(cudaEventRecord(s_->main_done, main_.cuda_stream()), "cudaEventRecord");
     side_stream_impl::check(cudaStreamWaitEvent(s_->stream, s_->main_done, 0), "cudaStreamWaitEvent");
   }
-  void join(Kokkos::Cuda const &main) const {
+  void join() const {
     if (s_ == nullptr) return;
     side_stream_impl::check(cudaEventRecord(s_->side_done, s_->stream), "cudaEventRecord");
-    side_stream_impl::check(cudaStreamWaitEvent(main.cuda_stream(), s_->side_done, 0), "cudaStreamWaitEvent");
+    side_stream_impl::check(cudaStreamWaitEvent(main_.cuda_stream(), s_->side_done, 0), "cudaStreamWaitEvent");
   }
 
  private:
@@ -115,14 +116,15 @@ class SideStream<Kokkos::Cuda> {
 };
 #endif
 
-// Joins the side queue into main when it leaves scope (also on an exception).
+// Joins the side queue into the caller's instance when it leaves scope
+// (also on an exception).
 template <class ExecutionSpace>
 class SideStreamJoin {
  public:
-  SideStreamJoin(SideStream<ExecutionSpace> const &s, ExecutionSpace const &main) : s_(s), main_(main) {}
+  explicit SideStreamJoin(SideStream<ExecutionSpace> const &s) : s_(s) {}
   ~SideStreamJoin() {
     try {
-      s_.join(main_);
+      s_.join();
     } catch (...) {
     }
   }
@@ -131,7 +133,6 @@ class SideStreamJoin {
 
  private:
   SideStream<ExecutionSpace> const &s_;
-  ExecutionSpace main_;
 };
 
 }  // namespace detail
