@@ -1013,7 +1013,11 @@ HEXAMOE_UNROLL
       for (int kt = ks0; kt < ks1; ++kt) {
         int const buf = (kt - ks0) & 1;
         if (kt + 1 < ks1) load((kt + 1) * BKF);
-        dev::step_f32<M>(acc, sA + buf * BKF * LD, sB + buf * BKF * LD, tid);
+        if constexpr (M == dev::Math::tf32x3_mma) {
+          dev::step_tf32x3_k16(acc, sA + buf * BKF * LD, sB + buf * BKF * LD, tid);
+        } else {
+          dev::step_f32<M>(acc, sA + buf * BKF * LD, sB + buf * BKF * LD, tid);
+        }
         if (kt + 1 < ks1) store(buf ^ 1);
         team.team_barrier();
       }

@@ -392,12 +392,13 @@ enum class Math {
 //   significant bits, and they add hi*hi' + hi*lo' + lo*hi' (CUTLASS's fast
 //   3xTF32 split): at most 2^-21 |x| is lost per operand and 2^-22 |x w| per
 //   product with lo*lo'. The tensor cores' float32 sums truncate, so they only
-//   ever sum one k step of 8 (three products per term, from zero); that block
-//   sum is added to the accumulator with a float32 add that rounds to
-//   nearest. Measured on H200, the layer's output is closer to float64 than
-//   with fma (5.1e-7 against 1.4e-6 relative on Swin-MoE-S stage 3,
-//   docs/PERFORMANCE.md) in less time. (Summing the whole reduction on the
-//   tensor cores instead, as before, ended at 1.4e-5.)
+//   ever sum one k step of 8 (ESTMM) or 16 (ESMM, step_tf32x3_k16), three
+//   products per term, from zero; that block sum is added to the
+//   accumulator with a float32 add that rounds to nearest. Measured on H200,
+//   the layer's output is closer to float64 than with fma (4.5e-7 against
+//   1.4e-6 relative on Swin-MoE-S stage 3, docs/PERFORMANCE.md) in less
+//   time. (Summing the whole reduction on the tensor cores instead, as
+//   before, ended at 1.4e-5.)
 // - fma: the 8 x 8 register-blocked FMA micro-kernel (exact float32 products,
 //   float32 sums, one rounding per term);
 // - tf32 (opt-in): one tf32 product (10 mantissa bits per operand, relative
@@ -1166,6 +1167,87 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
     }
+  }
+}
+
+// One staged k step (BKF = 16) of the 3xtf32 tile for the kernels that keep
+// one team on a multiprocessor (up to 255 registers a thread: the ESMM). As
+// the tf32x3 case of step_f32 below, with two changes in the schedule:
+// - each 16 x 8 block sums the three products over the whole k step of 16 on
+//   the tensor cores before the float32 add that rounds to nearest (half the
+//   adds of step_f32's k steps of 8; the truncating sums still start from
+//   zero at every staged step), small terms first: lo x hi' over both k
+//   steps of 8, then hi x lo', then hi x hi';
+// - two of the warp's four 16-row blocks at a time, so that eight
+//   independent tensor-core instructions follow one another.
+// Measured on the H200 (docs/PERFORMANCE.md): the layer's float32 forward
+// 2-3% faster and forward+backward 3-4%, and its output closer to float64
+// (4.5e-7 against 5.0e-7 relative on Swin-MoE-S stage 3).
+KOKKOS_INLINE_FUNCTION void step_tf32x3_k16(float (&acc)[8][8], float const *sA, float const *sB, int tid) {
+  constexpr int MG = 2;
+  int const lane = tid & 31, warp = tid >> 5;
+  int const g = lane >> 2, t = lane & 3;
+  int const wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+  unsigned bh[2][4][2], bl[2][4][2];
+HEXAMOE_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    float const *q0 = sB + (8 * s + t) * LDF, *q1 = sB + (8 * s + t + 4) * LDF;
+HEXAMOE_UNROLL
+    for (int ni = 0; ni < 4; ++ni) {
+      int const n = wn0 + ni * 8 + g;
+      split_tf32(q0[n], bh[s][ni][0], bl[s][ni][0]);
+      split_tf32(q1[n], bh[s][ni][1], bl[s][ni][1]);
+    }
+  }
+HEXAMOE_UNROLL
+  for (int m0 = 0; m0 < 4; m0 += MG) {
+    unsigned ah[2][MG][4], al[2][MG][4];
+HEXAMOE_UNROLL
+    for (int s = 0; s < 2; ++s) {
+      float const *r0 = sA + (8 * s + t) * LDF, *r1 = sA + (8 * s + t + 4) * LDF;
+HEXAMOE_UNROLL
+      for (int i = 0; i < MG; ++i) {
+        int const m = wm0 + (m0 + i) * 16 + g;
+        split_tf32(r0[m], ah[s][i][0], al[s][i][0]);
+        split_tf32(r0[m + 8], ah[s][i][1], al[s][i][1]);
+        split_tf32(r1[m], ah[s][i][2], al[s][i][2]);
+        split_tf32(r1[m + 8], ah[s][i][3], al[s][i][3]);
+      }
+    }
+    float d[MG][4][4];
+HEXAMOE_UNROLL
+    for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+      for (int ni = 0; ni < 4; ++ni) mma_tf32_zero(d[i][ni], al[0][i], bh[0][ni][0], bh[0][ni][1]);
+HEXAMOE_UNROLL
+    for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+      for (int ni = 0; ni < 4; ++ni)
+        mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], al[1][i], bh[1][ni][0], bh[1][ni][1]);
+HEXAMOE_UNROLL
+    for (int s = 0; s < 2; ++s)
+HEXAMOE_UNROLL
+      for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+        for (int ni = 0; ni < 4; ++ni)
+          mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], ah[s][i], bl[s][ni][0], bl[s][ni][1]);
+HEXAMOE_UNROLL
+    for (int s = 0; s < 2; ++s)
+HEXAMOE_UNROLL
+      for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+        for (int ni = 0; ni < 4; ++ni)
+          mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], ah[s][i], bh[s][ni][0], bh[s][ni][1]);
+HEXAMOE_UNROLL
+    for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+      for (int ni = 0; ni < 4; ++ni) {
+        int const mi = m0 + i;
+        acc[2 * mi][2 * ni] += d[i][ni][0];
+        acc[2 * mi][2 * ni + 1] += d[i][ni][1];
+        acc[2 * mi + 1][2 * ni] += d[i][ni][2];
+        acc[2 * mi + 1][2 * ni + 1] += d[i][ni][3];
+      }
   }
 }
 
