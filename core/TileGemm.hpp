@@ -1170,6 +1170,20 @@ KOKKOS_INLINE_FUNCTION void step_f32(float (&acc)[8][8], float const *sA, float 
   }
 }
 
+// d[i][ni] += a[s][i] b[s][ni] over both k steps of 8 (s), for each of MG x 4
+// blocks of 16 x 8 in turn.
+template <int MG>
+KOKKOS_INLINE_FUNCTION void mma_tf32_terms(float (&d)[MG][4][4], unsigned const (&a)[2][MG][4],
+                                           unsigned const (&b)[2][4][2]) {
+HEXAMOE_UNROLL
+  for (int s = 0; s < 2; ++s)
+HEXAMOE_UNROLL
+    for (int i = 0; i < MG; ++i)
+HEXAMOE_UNROLL
+      for (int ni = 0; ni < 4; ++ni)
+        mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], a[s][i], b[s][ni][0], b[s][ni][1]);
+}
+
 // One staged k step (BKF = 16) of the 3xtf32 tile for the kernels that keep
 // one team on a multiprocessor (up to 255 registers a thread: the ESMM). As
 // the tf32x3 case of step_f32 below, with two changes in the schedule:
@@ -1224,20 +1238,8 @@ HEXAMOE_UNROLL
 HEXAMOE_UNROLL
       for (int ni = 0; ni < 4; ++ni)
         mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], al[1][i], bh[1][ni][0], bh[1][ni][1]);
-HEXAMOE_UNROLL
-    for (int s = 0; s < 2; ++s)
-HEXAMOE_UNROLL
-      for (int i = 0; i < MG; ++i)
-HEXAMOE_UNROLL
-        for (int ni = 0; ni < 4; ++ni)
-          mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], ah[s][i], bl[s][ni][0], bl[s][ni][1]);
-HEXAMOE_UNROLL
-    for (int s = 0; s < 2; ++s)
-HEXAMOE_UNROLL
-      for (int i = 0; i < MG; ++i)
-HEXAMOE_UNROLL
-        for (int ni = 0; ni < 4; ++ni)
-          mma_tf32(d[i][ni][0], d[i][ni][1], d[i][ni][2], d[i][ni][3], ah[s][i], bh[s][ni][0], bh[s][ni][1]);
+    mma_tf32_terms(d, ah, bl);
+    mma_tf32_terms(d, ah, bh);
 HEXAMOE_UNROLL
     for (int i = 0; i < MG; ++i)
 HEXAMOE_UNROLL
