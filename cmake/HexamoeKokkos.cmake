@@ -75,9 +75,20 @@ message(STATUS "hexamoe: Kokkos ${Kokkos_VERSION} backends: ${HEXAMOE_KOKKOS_BAC
 # sm_90a machine code. Kokkos' arch flag (sm_90) is its own and nvcc_wrapper
 # takes one, so the extra target comes from nvcc's NVCC_APPEND_FLAGS, which
 # must be set when building (docs/GPU.md); say which path this build gets.
+# A build configured with it checks, before anything compiles, that the
+# variable is still set: nvcc reads it per compile, so a later build from a
+# shell without it would silently drop the sm_90a code of every file it
+# recompiles (the bf16 GEMMs back on mma.sync: the layer's bf16 forward
+# 13% slower on an H100, docs/PERFORMANCE.md).
 if(Kokkos_ENABLE_CUDA AND "HOPPER90" IN_LIST Kokkos_ARCH)
   if("$ENV{NVCC_APPEND_FLAGS}" MATCHES "compute_90a")
     message(STATUS "hexamoe: sm_90a code requested (NVCC_APPEND_FLAGS): bf16 expert GEMMs with wgmma")
+    add_custom_target(hexamoe_check_sm90a ALL
+      COMMAND ${CMAKE_COMMAND} "-DHEXAMOE_CONFIGURED_FLAGS=$ENV{NVCC_APPEND_FLAGS}"
+              -P "${CMAKE_CURRENT_LIST_DIR}/HexamoeCheckSm90a.cmake"
+      COMMENT "hexamoe: checking NVCC_APPEND_FLAGS for the sm_90a code this build was configured with"
+      VERBATIM)
+    set(HEXAMOE_SM90A_CHECK hexamoe_check_sm90a)
   else()
     message(STATUS "hexamoe: Hopper build without sm_90a code: bf16 expert GEMMs with mma.sync; for wgmma set "
                    "NVCC_APPEND_FLAGS=-gencode=arch=compute_90a,code=sm_90a when building (docs/GPU.md)")
