@@ -528,6 +528,30 @@ HEXAMOE_UNROLL
     std::size_t const ld_pre = ep.pre.stride_0(), ld_post = ep.post.stride_0(), ld_tok = ep.token_out.stride_0(),
                       ld_z = ep.act_grad_of.stride_0();
     int const topk = k.R.top_k;
+    // float32: the act' inputs (backward) of each row are read one row
+    // ahead: the loads of row q + 1 are issued before row q's act' and
+    // stores, so that their latency overlaps that work instead of following
+    // it (pre may alias act_grad_of, so the compiler may not hoist them
+    // itself; another row's elements are never this row's). Row q is
+    // (g, h) = (q / 2, q % 2); where (g, 1) is past the tile's rows, the next
+    // row is (g + 1, 0). (bf16 reads them row by row: its kernels have 128
+    // registers, and the prefetch took their spills from 40-80 to 320-344
+    // bytes a thread, ptxas.)
+    constexpr bool z_ahead = std::is_same_v<TY, float>;
+    auto load_z = [&](int q, Two<TY> (&z)[4]) {
+      int const g = q >> 1, h = q & 1;
+      int const cg = c_base + g * CI, r = r_base + g * RI + h * 8;
+      if (q >= 8 || cg >= cols || r >= rows) return;
+      int const np = (cols - cg + 7) / 8 < 4 ? (cols - cg + 7) / 8 : 4;
+      TY const *zr = zg + static_cast<std::size_t>(p0 + r) * ld_z + static_cast<std::size_t>(c0 + cg);
+HEXAMOE_UNROLL
+      for (int j = 0; j < 4; ++j)
+        if (j < np) z[j] = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
+    };
+    Two<TY> zc[4] = {}, zn[4] = {};
+    if constexpr (z_ahead) {
+      if (zg != nullptr) load_z(0, zc);
+    }
     Acc bv[4][2];
 HEXAMOE_UNROLL
     for (int g = 0; g < 4; ++g) {
@@ -564,13 +588,25 @@ HEXAMOE_UNROLL
           v[j][1] = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
         }
         if (zg != nullptr) {
-          TY const *zr = zg + p * ld_z + n0;
+          if constexpr (z_ahead) {
+            load_z(h == 0 && r + 8 < rows ? i + 1 : 2 * g + 2, zn);  // the next row this thread stores
 HEXAMOE_UNROLL
-          for (int j = 0; j < 4; ++j) {
-            if (j < npair) {
-              Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
-              v[j][0] *= activate_grad(A, to_acc<Acc>(z.v[0]));
-              v[j][1] *= activate_grad(A, to_acc<Acc>(z.v[1]));
+            for (int j = 0; j < 4; ++j) {
+              if (j < npair) {
+                v[j][0] *= activate_grad(A, to_acc<Acc>(zc[j].v[0]));
+                v[j][1] *= activate_grad(A, to_acc<Acc>(zc[j].v[1]));
+              }
+              zc[j] = zn[j];
+            }
+          } else {
+            TY const *zr = zg + p * ld_z + n0;
+HEXAMOE_UNROLL
+            for (int j = 0; j < 4; ++j) {
+              if (j < npair) {
+                Two<TY> const z = *reinterpret_cast<Two<TY> const *>(zr + 8 * j);
+                v[j][0] *= activate_grad(A, to_acc<Acc>(z.v[0]));
+                v[j][1] *= activate_grad(A, to_acc<Acc>(z.v[1]));
+              }
             }
           }
         }
