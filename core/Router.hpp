@@ -736,8 +736,8 @@ class Router {
     float const aw = static_cast<float>(opt_.aux_loss_weight), zw = static_cast<float>(opt_.z_loss_weight);
     if (!teams_done_.data()) teams_done_ = Kokkos::View<unsigned, memory_space>("hexamoe::router.teams_done");
     unsigned *done = teams_done_.data();
-    constexpr int warps = detail::router_mma_threads / 32;
-    std::size_t const pbytes = sizeof(float) * warps * (Ep + 1), nbytes = sizeof(int) * (warps * Ep + 1);
+    std::size_t const pbytes = sizeof(float) * detail::router_mma_scratch_floats(Ep),
+                      nbytes = sizeof(int) * detail::router_mma_scratch_ints(Ep);
     auto pol = compat::light(policy(space, nparts, detail::router_mma_threads));
     pol.set_scratch_size(0, Kokkos::PerTeam(pbytes + nbytes + 64));
     Kokkos::parallel_for(

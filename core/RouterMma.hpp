@@ -39,6 +39,17 @@ inline constexpr int router_mma_tokens = 64;        // per team: 4 warps x 16
 inline constexpr int router_mma_threads = 128;
 inline constexpr int router_mma_max_experts = 64;   // 8 n tiles of accumulators
 
+// Team scratch of the kernel: floats (the warps' statistics rows, then the
+// last team's partial sums, one per thread) and ints (likewise, plus the
+// last-team flag in the final slot).
+KOKKOS_INLINE_FUNCTION constexpr int router_mma_scratch_floats(int Ep) {
+  return (router_mma_threads / 32) * (Ep + 1) > router_mma_threads ? (router_mma_threads / 32) * (Ep + 1)
+                                                                    : router_mma_threads;
+}
+KOKKOS_INLINE_FUNCTION constexpr int router_mma_scratch_ints(int Ep) {
+  return ((router_mma_threads / 32) * Ep > router_mma_threads ? (router_mma_threads / 32) * Ep : router_mma_threads) + 1;
+}
+
 // -1: automatic; 0 or 1 forces the choice (tests run both paths).
 inline int &router_mma_override() {
   static int v = -1;
@@ -143,6 +154,16 @@ struct RouterWarpCuda {
   // Device-wide ordering of this thread's writes (a release before the
   // counter, an acquire after it).
   KOKKOS_INLINE_FUNCTION void fence() const { Kokkos::memory_fence(); }
+  // A value another team wrote (after the acquire fence): read through L2,
+  // never from this multiprocessor's L1.
+  template <class V>
+  KOKKOS_INLINE_FUNCTION V load_cg(V const *p) const {
+#if defined(KOKKOS_ENABLE_CUDA) && defined(__CUDA_ARCH__)
+    return __ldcg(p);
+#else
+    return *reinterpret_cast<V const volatile *>(p);
+#endif
+  }
   KOKKOS_INLINE_FUNCTION unsigned atomic_inc(unsigned *p) const { return Kokkos::atomic_fetch_add(p, 1u); }
   template <class V>
   KOKKOS_INLINE_FUNCTION V shfl_xor(V v, int m) const {
@@ -175,8 +196,8 @@ HEXAMOE_UNROLL
 // and row c of the partials sp [.., Ep + 1] and sn [.., Ep]; the last team
 // to finish (a counter, done, back to zero after) adds every team's row in
 // team order and writes st [f_e; P_e] and ls [aux, z] (weights aw, zw).
-// shp, shn: team scratch of 4 (Ep + 1) floats and 4 Ep + 1 ints. W: the
-// warp operations.
+// shp, shn: team scratch of router_mma_scratch_floats(Ep) floats and
+// router_mma_scratch_ints(Ep) ints. W: the warp operations.
 // (Host-only warp operations, as the tests' emulation, instantiate it for
 // the host alone: no host-device check for them.)
 #if defined(__CUDACC__) && !defined(__HIP__)
@@ -347,30 +368,56 @@ HEXAMOE_UNROLL
     if (e < Ep) sn(c, e) = m;
   }
   // The last team: every row of partials (written before each team's count,
-  // read after this team's), each column summed over the teams in order by
-  // one warp (lanes over teams, then a butterfly), then the losses in one
-  // thread, as the separate losses kernel of the other path.
+  // read after this team's), each column summed over the teams in a fixed
+  // order, then the losses in one thread, as the separate losses kernel of
+  // the other path. Column e = tid % C of C = Ep + 1 is summed by the G =
+  // threads / C threads with that e, thread tid / C = g over the rows g, g +
+  // G, ..., eight rows at a time with all eight loads issued before the adds
+  // (this team runs alone at the kernel's end: when each lane waited for one
+  // load at a time, that took 4-6 us of the kernel's 26-34 us on an H100);
+  // then thread e adds the G partial sums in g order.
   W.fence();
   W.barrier();
   int const teams = W.league_size();
-  if (tid == 0) shn[4 * Ep] = W.atomic_inc(done) == unsigned(teams - 1) ? 1 : 0;
+  int const flag = router_mma_scratch_ints(Ep) - 1;
+  if (tid == 0) shn[flag] = W.atomic_inc(done) == unsigned(teams - 1) ? 1 : 0;
   W.barrier();
-  if (shn[4 * Ep] == 0) return;
+  if (shn[flag] == 0) return;
   W.fence();
-  for (int e = warp; e < Ep + 1; e += router_mma_threads / 32) {
-    float s = 0.f;
-    int m = 0;
-    for (int r = lane; r < teams; r += 32) {
-      s += *reinterpret_cast<float const volatile *>(&sp(r, e));
-      if (e < Ep) m += *reinterpret_cast<int const volatile *>(&sn(r, e));
+  {
+    int const C = Ep + 1, G = router_mma_threads / C > 0 ? router_mma_threads / C : 1;
+    int const e = tid % C, g = tid / C;
+    if (g < G) {
+      float s = 0.f;
+      int m = 0;
+      for (int r0 = g; r0 < teams; r0 += 8 * G) {
+        float v[8];
+        int n[8];
+HEXAMOE_UNROLL
+        for (int u = 0; u < 8; ++u) {
+          int const r = r0 + u * G;
+          v[u] = r < teams ? W.load_cg(&sp(r, e)) : 0.f;
+          n[u] = r < teams && e < Ep ? W.load_cg(&sn(r, e)) : 0;
+        }
+HEXAMOE_UNROLL
+        for (int u = 0; u < 8; ++u) {
+          s += v[u];
+          m += n[u];
+        }
+      }
+      shp[tid] = s;  // slot g C + e
+      shn[tid] = m;
     }
-    for (int o = 1; o <= 16; o <<= 1) {
-      s += W.shfl_xor(s, o);
-      m += W.shfl_xor(m, o);
-    }
-    if (lane == 0) {
-      shp[e] = s;
-      shn[e] = m;
+    W.barrier();
+    if (tid < C) {  // slot e (g = 0) is read and written by thread e alone
+      float s = 0.f;
+      int m = 0;
+      for (int q = 0; q < G; ++q) {
+        s += shp[q * C + tid];
+        m += shn[q * C + tid];
+      }
+      shp[tid] = s;
+      shn[tid] = m;
     }
   }
   W.barrier();

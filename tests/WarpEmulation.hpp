@@ -1,6 +1,6 @@
 // WarpEmulation.hpp: a host emulation of one CUDA team of 128 threads (four
 // warps) for kernels written against the warp operations of
-// core/RouterMma.hpp (rank, league, barrier, fence, atomic_inc, shfl_xor, mma
+// core/RouterMma.hpp (rank, league, barrier, fence, atomic_inc, load_cg, shfl_xor, mma
 // m16n8k8 tf32), so
 // that tests check the tensor-core kernel's fragment layouts, shuffles and
 // reductions without a GPU. One std::thread per lane; every exchange is a
@@ -74,6 +74,11 @@ struct EmuWarpOps {
   void barrier() const { team->bar.wait(); }
   void fence() const { std::atomic_thread_fence(std::memory_order_seq_cst); }
   unsigned atomic_inc(unsigned *p) const { return __atomic_fetch_add(p, 1u, __ATOMIC_SEQ_CST); }
+  // Another team's value (after the fence): a plain load on the host.
+  template <class V>
+  V load_cg(V const *p) const {
+    return *p;
+  }
   // A 32-bit value (float or int) from lane l ^ m.
   template <class V>
   V shfl_xor(V v, int m) const {

@@ -574,8 +574,8 @@ void check_router_mma_emulated(int T_, int d, int E, int k, bool renorm, bool ve
   Kokkos::deep_copy(ls, std::numeric_limits<float>::quiet_NaN());
   double const aw = 0.01, zw = 0.001;
   unsigned done = 0;
-  std::vector<float> shp(4 * (Ep + 1));
-  std::vector<int> shn(4 * Ep + 1);
+  std::vector<float> shp(detail::router_mma_scratch_floats(Ep));
+  std::vector<int> shn(detail::router_mma_scratch_ints(Ep));
   Kokkos::View<T const **, Kokkos::LayoutRight, HS> xc = xv;
   Kokkos::View<unsigned const *, HS> wc = ws;
   test::emulate_teams(teams, [&](test::EmuWarpOps const &W) {
@@ -659,6 +659,11 @@ TEST(MoeLayer, RouterTensorCoreKernelEmulated) {
   check_router_mma_emulated<float, 8>(80, 16, 40, 2, false, false, 17);
   check_router_mma_emulated<bfloat16, 8>(65, 32, 64, 2, false, true, 18);
   check_router_mma_emulated<bfloat16, 1>(2100, 32, 8, 2, false, true, 19);  // 33 teams: more than a warp's lanes
+  // The last team's sums over the teams' rows: eight rows per batch and
+  // thread, 14 threads a column for E = 8 (more than one batch from 113
+  // teams), one for E = 64 (each thread walks all rows).
+  check_router_mma_emulated<bfloat16, 1>(7300, 32, 8, 1, false, true, 22);  // 115 teams
+  check_router_mma_emulated<float, 8>(1100, 16, 64, 2, false, true, 23);    // 18 teams
   check_router_mma_emulated<float, 2>(100, 32, 16, 3, true, true, 20, /*ties=*/true);
   check_router_mma_emulated<bfloat16, 1>(100, 24, 6, 2, false, true, 21, /*ties=*/true);
 }
