@@ -194,8 +194,8 @@ HEXAMOE_UNROLL
 
 // One team: 64 tokens from league rank c; writes P, L, I, G for its tokens
 // and row c of the partials sp [.., Ep + 1] and sn [.., Ep]; the last team
-// to finish (a counter, done, back to zero after) adds every team's row in
-// team order and writes st [f_e; P_e] and ls [aux, z] (weights aw, zw).
+// to finish (a counter, done, back to zero after) adds every team's row (in
+// a fixed order) and writes st [f_e; P_e] and ls [aux, z] (weights aw, zw).
 // shp, shn: team scratch of router_mma_scratch_floats(Ep) floats and
 // router_mma_scratch_ints(Ep) ints. W: the warp operations.
 // (Host-only warp operations, as the tests' emulation, instantiate it for
