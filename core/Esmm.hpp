@@ -850,11 +850,17 @@ HEXAMOE_UNROLL
         // whole B of a stage with one asynchronous wgmma and keeps two in
         // flight; the stage a new copy overwrites is the one two steps back,
         // which every warpgroup has finished reading at the barrier. Copies
-        // run PS - 2 stages ahead.
+        // run PS - 2 stages ahead. The copies' writes reach the wgmma reads
+        // through cp.async.wait_group and the barrier, with no asynchronous-
+        // proxy fence between them (as in CUTLASS's cp.async + wgmma main
+        // loops): the fence compiled to a MEMBAR.ALL.CTA a stage, and the
+        // forward ESMMs ran 7-10% faster without it (docs/PERFORMANCE.md).
         int const grp = tid >> 7;
         bool const active_g = grp * 64 < rows;
         std::uint64_t const da = dev::gmma_desc(sA + grp * 64u * PK * 2u, 16u, 256u, 3u);
         std::uint64_t const db = TransW ? dev::gmma_desc(sB, 16u, 256u, 3u) : dev::gmma_desc(sB, 2048u, 1024u, 1u);
+        unsigned const da_lo = static_cast<unsigned>(da), da_hi = static_cast<unsigned>(da >> 32);
+        unsigned const db_lo = static_cast<unsigned>(db), db_hi = static_cast<unsigned>(db >> 32);
         int const nk = ks1 - ks0;
         for (int s = 0; s < PS - 2; ++s) {
           if (s < nk) issue();
@@ -863,14 +869,13 @@ HEXAMOE_UNROLL
         unsigned off_r = 0;
         for (int kt = 0; kt < nk; ++kt) {
           dev::cp_async_wait<PS - 3>();  // this thread's copies of stage kt have landed
-          dev::fence_proxy_async();      // and are visible to the tensor cores
           dev::wgmma_wait<1>(acc);       // this warpgroup's product of stage kt - 2 is done
-          team.team_barrier();
+          team.team_barrier();           // everyone's copies of stage kt have landed
           if (kt + PS - 2 < nk) issue();  // into the slot of stage kt - 2
           dev::cp_async_commit();
           if (active_g) {
             dev::wgmma_fence();
-            dev::wgmma_m64n128k16_bf16<TransW ? 0 : 1>(acc, da + (off_r >> 4), db + (off_r >> 4));
+            dev::wgmma_m64n128k16_bf16<TransW ? 0 : 1>(acc, da_lo + (off_r >> 4), da_hi, db_lo + (off_r >> 4), db_hi);
             dev::wgmma_commit();
           }
           off_r = off_r + stage_bytes == PS * stage_bytes ? 0u : off_r + stage_bytes;

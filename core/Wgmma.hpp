@@ -58,13 +58,6 @@ KOKKOS_INLINE_FUNCTION std::uint64_t gmma_desc(unsigned addr, unsigned lbo, unsi
          (static_cast<std::uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (static_cast<std::uint64_t>(swizzle) << 62);
 }
 
-// Ordinary (or cp.async) writes to shared memory become visible to the
-// tensor cores' asynchronous reads (then a barrier).
-KOKKOS_INLINE_FUNCTION void fence_proxy_async() {
-#if defined(HEXAMOE_WGMMA)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
 KOKKOS_INLINE_FUNCTION void wgmma_fence() {
 #if defined(HEXAMOE_WGMMA)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -93,16 +86,20 @@ KOKKOS_INLINE_FUNCTION void wgmma_wait(float (&d)[8][8]) {
 
 // d (64 x 128 of this warpgroup, float) += A (64 x 16, bf16) B (16 x 128,
 // bf16), both from shared memory; TB: B is N-major (W as stored).
+// The descriptors come as 32-bit halves: a stage's offset changes only the
+// low half (the start address field), so that the loop adds 32-bit words.
 template <int TB>
-KOKKOS_INLINE_FUNCTION void wgmma_m64n128k16_bf16(float (&d)[8][8], std::uint64_t da, std::uint64_t db) {
+KOKKOS_INLINE_FUNCTION void wgmma_m64n128k16_bf16(float (&d)[8][8], unsigned da_lo, unsigned da_hi, unsigned db_lo,
+                                                  unsigned db_hi) {
 #if defined(HEXAMOE_WGMMA)
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %67, 0;\n"
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %69, 0;\n"
+      "mov.b64 da, {%64, %65};\nmov.b64 db, {%66, %67};\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
       "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
       "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, %66;\n}\n"
+      "da, db, p, 1, 1, 0, %68;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][2]),
         "+f"(d[1][3]), "+f"(d[0][4]), "+f"(d[0][5]), "+f"(d[1][4]), "+f"(d[1][5]), "+f"(d[0][6]), "+f"(d[0][7]),
         "+f"(d[1][6]), "+f"(d[1][7]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[2][2]),
@@ -113,9 +110,9 @@ KOKKOS_INLINE_FUNCTION void wgmma_m64n128k16_bf16(float (&d)[8][8], std::uint64_
         "+f"(d[6][1]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][2]), "+f"(d[7][3]),
         "+f"(d[6][4]), "+f"(d[6][5]), "+f"(d[7][4]), "+f"(d[7][5]), "+f"(d[6][6]), "+f"(d[6][7]), "+f"(d[7][6]),
         "+f"(d[7][7])
-      : "l"(da), "l"(db), "n"(TB), "r"(1));
+      : "r"(da_lo), "r"(da_hi), "r"(db_lo), "r"(db_hi), "n"(TB), "r"(1));
 #else
-  (void)d, (void)da, (void)db;
+  (void)d, (void)da_lo, (void)da_hi, (void)db_lo, (void)db_hi;
 #endif
 }
 
