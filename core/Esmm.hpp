@@ -502,6 +502,15 @@ HEXAMOE_UNROLL
     }
   }
 
+  // Rows 2 G and 2 G + 1 of the accumulators.
+  template <int G>
+  KOKKOS_INLINE_FUNCTION static void take_rows(float const (&acc)[8][8], float (&a)[2][8]) {
+HEXAMOE_UNROLL
+    for (int h = 0; h < 2; ++h)
+HEXAMOE_UNROLL
+      for (int j = 0; j < 8; ++j) a[h][j] = acc[2 * G + h][j];
+  }
+
   // The epilogue of the tensor-core layouts, from the accumulators in
   // registers (no scratch, no barrier). mma.sync: thread (warp, lane) holds
   // rows 64 (warp / 4) + 16 g + lane / 4 + {0, 8} and column pairs
@@ -553,10 +562,22 @@ HEXAMOE_UNROLL
       if (zg != nullptr) load_z(0, zc);
     }
     Acc bv[4][2];
-HEXAMOE_UNROLL
+    // A loop, not unrolled: the body (two rows of eight values) is a few
+    // hundred instructions, where four unrolled copies of it ran the warps
+    // out of instruction cache (Nsight Compute: "no instruction" was the
+    // epilogue's largest stall). Each pass takes its two rows of
+    // accumulators by compile-time indices, so that they stay in registers.
+HEXAMOE_NO_UNROLL
     for (int g = 0; g < 4; ++g) {
       int const cg = c_base + g * CI;
       if (cg >= cols) break;  // columns grow with g (wgmma) or stay (mma.sync)
+      float a[2][8];
+      switch (g) {
+        case 0: take_rows<0>(acc, a); break;
+        case 1: take_rows<1>(acc, a); break;
+        case 2: take_rows<2>(acc, a); break;
+        default: take_rows<3>(acc, a); break;
+      }
       if (g == 0 || wg) {
 HEXAMOE_UNROLL
         for (int j = 0; j < 4; ++j) {
@@ -584,8 +605,8 @@ HEXAMOE_UNROLL
         Acc v[4][2];
 HEXAMOE_UNROLL
         for (int j = 0; j < 4; ++j) {
-          v[j][0] = s * static_cast<Acc>(acc[i][2 * j]) + bv[j][0];
-          v[j][1] = s * static_cast<Acc>(acc[i][2 * j + 1]) + bv[j][1];
+          v[j][0] = s * static_cast<Acc>(a[h][2 * j]) + bv[j][0];
+          v[j][1] = s * static_cast<Acc>(a[h][2 * j + 1]) + bv[j][1];
         }
         if (zg != nullptr) {
           if constexpr (z_ahead) {

@@ -58,8 +58,10 @@
 // Loop unrolling hint for device compilers (host compilers would warn on it).
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define HEXAMOE_UNROLL _Pragma("unroll")
+#define HEXAMOE_NO_UNROLL _Pragma("unroll 1")
 #else
 #define HEXAMOE_UNROLL
+#define HEXAMOE_NO_UNROLL
 #endif
 
 namespace hexamoe {
