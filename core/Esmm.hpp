@@ -871,11 +871,11 @@ HEXAMOE_UNROLL
         // whole B of a stage with one asynchronous wgmma and keeps two in
         // flight; the stage a new copy overwrites is the one two steps back,
         // which every warpgroup has finished reading at the barrier. Copies
-        // run PS - 2 stages ahead. The copies' writes reach the wgmma reads
-        // through cp.async.wait_group and the barrier, with no asynchronous-
-        // proxy fence between them (as in CUTLASS's cp.async + wgmma main
-        // loops): the fence compiled to a MEMBAR.ALL.CTA a stage, and the
-        // forward ESMMs ran 7-10% faster without it (docs/PERFORMANCE.md).
+        // run PS - 2 stages ahead. The PTX ISA requires an asynchronous-
+        // proxy fence between a thread's (generic-proxy) copies into shared
+        // memory and the wgmma reads of them; it compiles to MEMBAR.ALL.CTA
+        // + FENCE.VIEW.ASYNC.S a stage, and the forward ESMMs ran 7-10%
+        // faster without it (docs/PERFORMANCE.md), but it stays.
         int const grp = tid >> 7;
         bool const active_g = grp * 64 < rows;
         std::uint64_t const da = dev::gmma_desc(sA + grp * 64u * PK * 2u, 16u, 256u, 3u);
@@ -890,8 +890,9 @@ HEXAMOE_UNROLL
         unsigned off_r = 0;
         for (int kt = 0; kt < nk; ++kt) {
           dev::cp_async_wait<PS - 3>();  // this thread's copies of stage kt have landed
+          dev::fence_proxy_async();      // and are visible to the tensor cores
           dev::wgmma_wait<1>(acc);       // this warpgroup's product of stage kt - 2 is done
-          team.team_barrier();           // everyone's copies of stage kt have landed
+          team.team_barrier();
           if (kt + PS - 2 < nk) issue();  // into the slot of stage kt - 2
           dev::cp_async_commit();
           if (active_g) {

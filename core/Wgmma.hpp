@@ -58,6 +58,15 @@ KOKKOS_INLINE_FUNCTION std::uint64_t gmma_desc(unsigned addr, unsigned lbo, unsi
          (static_cast<std::uint64_t>((sbo >> 4) & 0x3FFFu) << 32) | (static_cast<std::uint64_t>(swizzle) << 62);
 }
 
+// Ordinary (or cp.async) writes to shared memory become visible to the
+// tensor cores' asynchronous reads (then a barrier). (The release-only form,
+// fence.proxy.async::generic.release.sync_restrict::shared::cta.cluster,
+// compiles to the same two instructions for sm_90a with CUDA 13.)
+KOKKOS_INLINE_FUNCTION void fence_proxy_async() {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 KOKKOS_INLINE_FUNCTION void wgmma_fence() {
 #if defined(HEXAMOE_WGMMA)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
