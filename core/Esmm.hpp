@@ -12,6 +12,7 @@
 #pragma once
 
 #include "Activation.hpp"
+#include "EsmmHopper.hpp"
 #include "RoutingIndex.hpp"
 #include "RowOperand.hpp"
 #include "TileGemm.hpp"
@@ -318,6 +319,7 @@ struct EsmmDeviceKernel {
   static constexpr bool mma_bf16 = M == dev::Math::bf16_mma;
   static constexpr bool tensor_cores = mma_bf16 || M == dev::Math::tf32_mma || M == dev::Math::tf32x3_mma;
   static constexpr int BK = mma_bf16 ? dev::BKH : dev::BKF;
+  static constexpr bool trans_w = TransW;
 
   Base k;       // operands, epilogue and extents
   bool vec_x;   // X rows readable in 16-byte vectors
@@ -660,6 +662,27 @@ HEXAMOE_UNROLL
           }
         }
       }
+    }
+  }
+
+  // The warp-specialized kernel's epilogue (EsmmHopper.hpp): a warpgroup's
+  // two 64-row blocks in wgmma's layout, as the team kernel's two warpgroups
+  // hold them (thread t of the warpgroup is thread t, then t + 128, there).
+  template <Activation A>
+  KOKKOS_INLINE_FUNCTION void epilogue_ws_as(float const (&a0)[8][8], float const (&a1)[8][8], int const *rflat,
+                                             Acc const *rscale, Acc const *rgate, int e, int p0, int rows, int c0,
+                                             int cols, int t) const {
+    epilogue_direct<A>(a0, rflat, rscale, rgate, e, p0, rows, c0, cols, t, true);
+    epilogue_direct<A>(a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t + 128, true);
+  }
+  KOKKOS_INLINE_FUNCTION void epilogue_ws(float const (&a0)[8][8], float const (&a1)[8][8], int const *rflat,
+                                          Acc const *rscale, Acc const *rgate, int e, int p0, int rows, int c0,
+                                          int cols, int t) const {
+    switch (k.ep.act) {
+      case Activation::gelu: epilogue_ws_as<Activation::gelu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
+      case Activation::relu: epilogue_ws_as<Activation::relu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
+      case Activation::silu: epilogue_ws_as<Activation::silu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
+      default: epilogue_ws_as<Activation::identity>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
     }
   }
 
@@ -1141,6 +1164,27 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
     }
     run(kernel);
   };
+  bool const async = dev::async_copies_for(M, false);
+#if defined(HEXAMOE_ESMM_WS)
+  // Hopper with sm_90a machine code: the warp-specialized kernel
+  // (EsmmHopper.hpp) where the team kernel would run wgmma with paired
+  // outputs, K a multiple of 8 and the experts' tile counts fit its table.
+  if constexpr (M == dev::Math::bf16_mma && std::is_same_v<ExecutionSpace, Kokkos::Cuda>) {
+    bool const contiguous = base.x.source == RowSource::sorted;  // A's rows are the sorted positions
+    if (vec_x && vec_w && async && pairs && base.K % 8 == 0 && E <= dev::WS_MAX_EXPERTS && dev::esmm_ws_enabled() &&
+        (contiguous || dev::ws_gather() == dev::WsGather::cp || dev::ws_gather() == dev::WsGather::tma) &&
+        dev::wgmma_in_use(space)) {
+      int const gather = dev::ws_gather() == dev::WsGather::cp ? dev::WS_A_CP : dev::WS_A_ROWS;
+      std::string const label = dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T, ws" : ", ws");
+      if (base.transpose_w) {
+        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles, contiguous, gather);
+      } else {
+        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles, contiguous, gather);
+      }
+      return;
+    }
+  }
+#endif
   if (base.transpose_w) {
     with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, dev::async_copies_for(M, false), pairs, 0, {}, {}});
   } else {
@@ -1213,6 +1257,60 @@ inline int esmm_host_row_group(int S, int E, int col_tiles, int concurrency) {
 
 // ESMM: see the file comment. W is [E, K, N], or [E, N, K] with transpose_w.
 // bias (optional, may be an empty view) is [E, N].
+// Whether a caller that reads token rows through the index (x W1) should
+// first copy them into sorted order (gather_sorted_rows) and pass them as
+// sorted rows: bf16 on Hopper where the warp-specialized kernel runs
+// (core/EsmmHopper.hpp; HEXAMOE_ESMM_WS_GATHER=sort, the default), and
+// nothing is dropped (every sorted position has its assignment).
+template <class T, class ExecutionSpace, class MemorySpace>
+bool esmm_sorts_gathered_rows(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R) {
+#if defined(HEXAMOE_ESMM_WS)
+  if constexpr (std::is_same_v<ExecutionSpace, Kokkos::Cuda> && std::is_same_v<T, bfloat16>) {
+    return R.capacity == 0 && detail::dev::esmm_ws_enabled() &&
+           detail::dev::ws_gather() == detail::dev::WsGather::sort &&
+           detail::dev::async_copies_for(detail::dev::Math::bf16_mma, false) && detail::dev::wgmma_in_use(space);
+  }
+#endif
+  (void)space, (void)R;
+  return false;
+}
+
+// out[p, :] = x[t(p), :] for every sorted position p (t: the token of its
+// assignment); 16 bytes at a time where rows allow.
+template <class ExecutionSpace, class T, class MemorySpace>
+void gather_sorted_rows(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R,
+                        Kokkos::View<T const **, Kokkos::LayoutRight, MemorySpace> x,
+                        Kokkos::View<T **, Kokkos::LayoutRight, MemorySpace> out) {
+  int const S = static_cast<int>(R.sorted_flat.extent(0)), d = static_cast<int>(x.extent(1)), k = R.top_k;
+  if (static_cast<int>(out.extent(0)) < S || static_cast<int>(out.extent(1)) != d)
+    throw std::invalid_argument("gather_sorted_rows: out is [" + std::to_string(out.extent(0)) + ", " +
+                                std::to_string(out.extent(1)) + "], expected at least [" + std::to_string(S) + ", " +
+                                std::to_string(d) + "]");
+  auto const flat = R.sorted_flat;
+  constexpr int V = 16 / sizeof(T);
+  bool const vec = sizeof(T) <= 16 && 16 % sizeof(T) == 0 && d % V == 0 && x.stride_0() % V == 0 &&
+                   out.stride_0() % V == 0 && reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0 &&
+                   reinterpret_cast<std::uintptr_t>(out.data()) % 16 == 0;
+  if (vec) {
+    int const per = d / V;
+    Kokkos::parallel_for(
+        "hexamoe::gather_sorted_rows", Kokkos::RangePolicy<ExecutionSpace>(space, 0, std::size_t(S) * per),
+        KOKKOS_LAMBDA(std::size_t i) {
+          int const p = static_cast<int>(i / per), c = static_cast<int>(i % per);
+          int const t = flat(p) / k;
+          *reinterpret_cast<detail::dev::Vec16 *>(&out(p, c * V)) =
+              *reinterpret_cast<detail::dev::Vec16 const *>(&x(t, c * V));
+        });
+  } else {
+    Kokkos::parallel_for(
+        "hexamoe::gather_sorted_rows", Kokkos::RangePolicy<ExecutionSpace>(space, 0, std::size_t(S) * d),
+        KOKKOS_LAMBDA(std::size_t i) {
+          int const p = static_cast<int>(i / d), c = static_cast<int>(i % d);
+          out(p, c) = x(flat(p) / k, c);
+        });
+  }
+}
+
 template <class ExecutionSpace, class TX, class TW, class TY, class MemorySpace>
 void esmm(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R, RowOperand<TX, MemorySpace> const &x,
           Kokkos::View<TW const ***, Kokkos::LayoutRight, MemorySpace> w, bool transpose_w,

@@ -346,7 +346,17 @@ class MoeLayer {
       ep.act = cfg_.activation;
       if (keep) ep.pre = z1_;
       ep.post = h_;
-      esmm(space, R, token_rows(x), Tensor3<T const, memory_space>(w1), false, Matrix<T const, memory_space>(b1), ep);
+      // (bf16 on Hopper, esmm_sorts_gathered_rows: x's rows copied into
+      // sorted order in o_, which h W2 overwrites afterwards, then read as
+      // sorted rows, through tensor copies.)
+      if (esmm_sorts_gathered_rows<T>(space, R)) {
+        gather_sorted_rows(space, R, x, o_);
+        esmm(space, R, sorted_rows(Matrix<T const, memory_space>(o_)), Tensor3<T const, memory_space>(w1), false,
+             Matrix<T const, memory_space>(b1), ep);
+      } else {
+        esmm(space, R, token_rows(x), Tensor3<T const, memory_space>(w1), false, Matrix<T const, memory_space>(b1),
+             ep);
+      }
     }
     {
       EsmmEpilogue<T, memory_space> ep;

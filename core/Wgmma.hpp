@@ -125,6 +125,118 @@ KOKKOS_INLINE_FUNCTION void wgmma_m64n128k16_bf16(float (&d)[8][8], unsigned da_
 #endif
 }
 
+// Two accumulator blocks (a warpgroup's 128 rows: two m64 products).
+template <int N>
+KOKKOS_INLINE_FUNCTION void wgmma_wait(float (&d0)[8][8], float (&d1)[8][8]) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) asm volatile("" : "+f"(d0[i][j]), "+f"(d1[i][j])::"memory");
+#else
+  (void)d0, (void)d1;
+#endif
+}
+
+// --- the warp-specialized kernel's synchronization (sm_90a) ------------------
+// Transaction barriers in shared memory (mbarrier; addresses in the shared
+// state space), named barriers of a warpgroup, and the per-warpgroup register
+// budget (setmaxnreg: the copying warpgroup gives registers to the two that
+// multiply).
+
+KOKKOS_INLINE_FUNCTION void mbar_init(unsigned bar, unsigned count) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#else
+  (void)bar, (void)count;
+#endif
+}
+KOKKOS_INLINE_FUNCTION void mbar_arrive(unsigned bar) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+#else
+  (void)bar;
+#endif
+}
+// Arrive once this thread's earlier cp.async copies have landed (the arrival
+// counts against the barrier's expected count, which is not raised).
+KOKKOS_INLINE_FUNCTION void mbar_arrive_cp_async(unsigned bar) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#else
+  (void)bar;
+#endif
+}
+// Arrive and expect `bytes` more of tensor-copy transactions in this phase.
+KOKKOS_INLINE_FUNCTION void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#else
+  (void)bar, (void)bytes;
+#endif
+}
+// Tensor copies (TMA) of a box of a 2- or 3-dimensional tensor map (the
+// generic address of a __grid_constant__ CUtensorMap) to shared memory,
+// completing on barrier `bar`; coordinates innermost first, elements past
+// the tensor's extents read as zero.
+KOKKOS_INLINE_FUNCTION void tma_load_2d(unsigned dst, void const *map, int c0, int c1, unsigned bar) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)bar;
+#endif
+}
+KOKKOS_INLINE_FUNCTION void tma_load_3d(unsigned dst, void const *map, int c0, int c1, int c2, unsigned bar) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)c2, (void)bar;
+#endif
+}
+// Wait for the completion of the barrier's phase of the given parity (the
+// phase before the first counts as complete for parity 1).
+KOKKOS_INLINE_FUNCTION void mbar_wait(unsigned bar, unsigned parity) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile(
+      "{\n.reg .pred p;\nHEXAMOE_MBAR_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra HEXAMOE_MBAR_WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#else
+  (void)bar, (void)parity;
+#endif
+}
+KOKKOS_INLINE_FUNCTION void named_barrier(unsigned id, unsigned threads) {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#else
+  (void)id, (void)threads;
+#endif
+}
+template <int R>
+KOKKOS_INLINE_FUNCTION void regs_dec() {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+template <int R>
+KOKKOS_INLINE_FUNCTION void regs_inc() {
+#if defined(HEXAMOE_WGMMA)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+#endif
+}
+
 // Whether the machine code that `space` runs has the wgmma path (asks the
 // device once per process: the driver picks sm_90a code over sm_90 only
 // where both are present and the device is compute capability 9.0).

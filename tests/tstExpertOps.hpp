@@ -127,10 +127,19 @@ struct Problem {
   double W(int e, int kk, int n) const { return w[(std::size_t(e) * s.K + kk) * s.N + n]; }
 };
 
+// (sorted: A's rows are a copy of x in sorted order, read as sorted rows.)
 template <class T>
-void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
+void run_esmm_forward(Shape sh, Activation act, unsigned seed, bool sorted = false) {
   Problem<T> P(sh, seed);
   int const S = P.S(), K = sh.K, N = sh.N;
+  V2<T> xs_d;
+  if (sorted) {
+    Vec xs(std::size_t(S) * K);
+    for (int f = 0; f < S; ++f)
+      std::copy_n(P.x.begin() + std::size_t(f / sh.k) * K, K, xs.begin() + std::size_t(P.pos[f]) * K);
+    xs_d = test::to_view<T>(xs, V2<T>("xs", S, K));
+  }
+  auto const rows = sorted ? sorted_rows(V2<T const>(xs_d)) : token_rows(V2<T const>(P.x_d));
   V2<T> pre("pre", S, N), post("post", S, N);
   test::poison<T>(pre);
   test::poison<T>(post);
@@ -138,7 +147,7 @@ void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
   ep.act = act;
   ep.pre = pre;
   ep.post = post;
-  esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep);
+  esmm(Space(), P.R, rows, V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep);
   Vec got_pre = test::from_view(pre), got_post = test::from_view(post);
   Vec ref_pre(std::size_t(S) * N), ref_post(ref_pre.size()), abssum(ref_pre.size());
   Vec rpre(ref_pre.size()), rpost(ref_pre.size());
@@ -164,7 +173,7 @@ void run_esmm_forward(Shape sh, Activation act, unsigned seed) {
   EsmmEpilogue<T, Mem> ep2;
   ep2.act = act;
   ep2.post = post_only;
-  esmm(Space(), P.R, token_rows(V2<T const>(P.x_d)), V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep2);
+  esmm(Space(), P.R, rows, V3<T const>(P.w_d), false, V2<T const>(P.b_d), ep2);
   expect_within<T>(test::from_view(post_only), rpost, abssum, K, 1.2, "esmm post-activation without pre");
 }
 
@@ -318,6 +327,7 @@ void run_all(char const *name) {
                  std::to_string(sh.E) + " K=" + std::to_string(sh.K) + " N=" + std::to_string(sh.N));
     run_esmm_forward<T>(sh, Activation::gelu, seed++);
     run_esmm_forward<T>(sh, Activation::silu, seed++);
+    run_esmm_forward<T>(sh, Activation::gelu, seed++, /*sorted=*/true);
     run_esmm_transposed_actgrad<T>(sh, seed++);
     run_esmm_transposed_actgrad<T>(sh, seed++, /*gated=*/true);
     run_esmm_token_out<T>(sh, seed++);
@@ -561,11 +571,46 @@ TEST(ExpertOps, AsyncCopySettingIsChecked) {
   }
 }
 
+// The bf16 ESMM kernels on Hopper with sm_90a machine code: the
+// warp-specialized kernel (core/EsmmHopper.hpp) where A's rows are the
+// sorted positions (the default), also for gathered rows by cp.async or by
+// a tensor copy a row, and the team kernel (HEXAMOE_ESMM_WS=0). Elsewhere the settings change nothing: one run.
+struct WsSetting {
+  bool on;
+  detail::dev::WsGather gather;
+  char const *name;
+};
+std::vector<WsSetting> ws_settings() {
+  using detail::dev::WsGather;
+  if (!detail::dev::wgmma_in_use(Space()))
+    return {{detail::dev::esmm_ws_enabled(), detail::dev::ws_gather(), "the backend's kernels"}};
+  return {{true, WsGather::sort, "warp-specialized kernel for sorted rows (the default)"},
+          {true, WsGather::cp, "warp-specialized kernel, gathered rows by cp.async"},
+          {true, WsGather::tma, "warp-specialized kernel, gathered rows by tensor copies"},
+          {false, WsGather::team, "team kernel (HEXAMOE_ESMM_WS=0)"}};
+}
+struct WsRestore {
+  bool on = detail::dev::esmm_ws_enabled();
+  detail::dev::WsGather gather = detail::dev::ws_gather();
+  ~WsRestore() {
+    detail::dev::esmm_ws_enabled() = on;
+    detail::dev::ws_gather() = gather;
+  }
+};
+
 TEST(ExpertOps, BFloat16AgainstFloat64Reference) {
   auto const saved_async = detail::dev::async_copy_setting();
+  WsRestore const saved_ws;
   for (auto const async : async_settings()) {
     detail::dev::async_copy_setting() = async;
-    run_all<bfloat16>((std::string("bfloat16, ") + async_name(async)).c_str());
+    // (The register-staged copies never run the warp-specialized kernel.)
+    auto const ws = async == detail::dev::AsyncCopies::none ? std::vector<WsSetting>{ws_settings().back()}
+                                                            : ws_settings();
+    for (auto const &w : ws) {
+      detail::dev::esmm_ws_enabled() = w.on;
+      detail::dev::ws_gather() = w.gather;
+      run_all<bfloat16>((std::string("bfloat16, ") + async_name(async) + ", " + w.name).c_str());
+    }
   }
   detail::dev::async_copy_setting() = saved_async;
   if (detail::dev::has_cuda_tensor_cores<Space>) {  // the FMA kernel of GPUs before compute capability 8.0
@@ -575,6 +620,83 @@ TEST(ExpertOps, BFloat16AgainstFloat64Reference) {
   }
 }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
+
+// Many tiles a block, A's rows gathered through the index (cp.async) and
+// sorted (tensor copies): the warp-specialized kernel on 1, 2 and 5 blocks
+// (dev::ws_blocks_override), so that each block's stage ring of six wraps
+// many times, its two multiplying warpgroups alternate over many tiles, and
+// tiles of K = 456 take eight stages (the last of 8 of 64 elements); the
+// last column tile is 8 wide, the last row tile of each expert partial. The
+// transposed ESMM reduces over N = 136 into 456 columns. Elsewhere (and for
+// the team kernel) one run.
+TEST(ExpertOps, BFloat16ManyTilesAgainstFloat64Reference) {
+  Shape const sh{2000, 2, 4, 456, 136, true};
+  WsRestore const saved_ws;
+  int const saved_blocks = detail::dev::ws_blocks_override();
+  unsigned seed = 71;
+  for (auto const &w : ws_settings()) {
+    detail::dev::esmm_ws_enabled() = w.on;
+    detail::dev::ws_gather() = w.gather;
+    for (int blocks : w.on && detail::dev::wgmma_in_use(Space()) ? std::vector<int>{1, 2, 5} : std::vector<int>{0}) {
+      SCOPED_TRACE(std::string(w.name) + ", blocks " + std::to_string(blocks));
+      detail::dev::ws_blocks_override() = blocks;
+      run_esmm_forward<bfloat16>(sh, Activation::gelu, seed++);
+      run_esmm_forward<bfloat16>(sh, Activation::gelu, seed++, /*sorted=*/true);
+      run_esmm_transposed_actgrad<bfloat16>(sh, seed++);
+      run_esmm_transposed_actgrad<bfloat16>(sh, seed++, /*gated=*/true);
+      run_esmm_token_out<bfloat16>(sh, seed++);
+    }
+  }
+  detail::dev::ws_blocks_override() = saved_blocks;
+}
+
+// The copy of gathered rows into sorted order (HEXAMOE_ESMM_WS_GATHER=sort):
+// row p of the copy is x's row of the token of the assignment at position
+// p, exactly, with and without 16-byte vectors.
+TEST(ExpertOps, GatherSortedRowsCopiesEachAssignmentsRow) {
+  for (Shape const sh : {Shape{301, 2, 8, 40, 8, true}, Shape{97, 3, 4, 37, 8, false}}) {
+    SCOPED_TRACE("K=" + std::to_string(sh.K));
+    Problem<bfloat16> P(sh, 5);
+    int const S = P.S(), K = sh.K;
+    V2<bfloat16> out("out", S, K);
+    test::poison<bfloat16>(out);
+    gather_sorted_rows(Space(), P.R, V2<bfloat16 const>(P.x_d), out);
+    Vec const got = test::from_view(out), xr = test::rounded<bfloat16>(P.x);
+    int bad = 0;
+    for (int f = 0; f < S; ++f)
+      for (int c = 0; c < K; ++c)
+        if (got[std::size_t(P.pos[f]) * K + c] != xr[std::size_t(f / sh.k) * K + c]) ++bad;
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+TEST(ExpertOps, WarpSpecializedSettingIsChecked) {
+  EXPECT_TRUE(detail::dev::parse_esmm_ws(nullptr));
+  EXPECT_TRUE(detail::dev::parse_esmm_ws("1"));
+  EXPECT_FALSE(detail::dev::parse_esmm_ws("0"));
+  using detail::dev::WsGather;
+  EXPECT_EQ(detail::dev::parse_ws_gather(nullptr), WsGather::sort);
+  EXPECT_EQ(detail::dev::parse_ws_gather("tma"), WsGather::tma);
+  EXPECT_EQ(detail::dev::parse_ws_gather("cp"), WsGather::cp);
+  EXPECT_EQ(detail::dev::parse_ws_gather("sort"), WsGather::sort);
+  EXPECT_EQ(detail::dev::parse_ws_gather("team"), WsGather::team);
+  for (char const *bad : {"yes", "off"}) {
+    try {
+      detail::dev::parse_esmm_ws(bad);
+      ADD_FAILURE() << "HEXAMOE_ESMM_WS='" << bad << "' was accepted";
+    } catch (std::invalid_argument const &e) {
+      EXPECT_NE(std::string(e.what()).find("HEXAMOE_ESMM_WS='" + std::string(bad) + "'"), std::string::npos)
+          << e.what();
+    }
+    try {
+      detail::dev::parse_ws_gather(bad);
+      ADD_FAILURE() << "HEXAMOE_ESMM_WS_GATHER='" << bad << "' was accepted";
+    } catch (std::invalid_argument const &e) {
+      EXPECT_NE(std::string(e.what()).find("HEXAMOE_ESMM_WS_GATHER='" + std::string(bad) + "'"), std::string::npos)
+          << e.what();
+    }
+  }
+}
 
 // The last shape above runs the host ESMM with teams of several row tiles
 // (a host backend with up to three threads); one tile a team where the

@@ -185,6 +185,46 @@ TEST(MoeLayer, ForwardFloat64AgainstDenseReference) { check_forward<double>(1e-1
 // float32: operands exact in float, accumulation over at most 33 terms: 1e-5 of the output's scale.
 TEST(MoeLayer, ForwardFloat32AgainstDenseReference) { check_forward<float>(1e-5); }
 
+// HEXAMOE_ESMM_WS_GATHER=sort (the default; bf16 on Hopper with sm_90a
+// code, elsewhere both settings run the same kernels): the layer copies x's
+// rows into sorted order and x W1 reads the copy as sorted rows through the
+// warp-specialized kernel's tensor copies; with "team" the team kernel
+// reads x through the routing index. The copy only moves rows, and
+// every kernel multiplies the same products in the same k order, so the
+// forward (training and inference, top-1 fused and top-2) gives the same
+// bits as reading x through the index (itself held to float64 references
+// in ExpertOps).
+TEST(MoeLayer, SortedCopyOfGatheredRowsGivesTheSameBits) {
+  auto const saved = detail::dev::ws_gather();
+  for (int k : {1, 2}) {
+    Case const c{300, 64, 128, 4, k, Activation::gelu, false, 0.0, 0.0};
+    SCOPED_TRACE("k=" + std::to_string(k));
+    MoeLayer<bfloat16, Space> L(config_of(c));
+    randomise(L, c, 31);
+    std::mt19937 rng(32);
+    V2<bfloat16> xd = test::to_view<bfloat16>(test::random_vec(std::size_t(c.T) * c.d, rng), V2<bfloat16>("x", c.T, c.d));
+    auto run = [&](detail::dev::WsGather g, bool train) {
+      detail::dev::ws_gather() = g;
+      V2<bfloat16> y("y", c.T, c.d);
+      test::poison<bfloat16>(y);
+      if (train) {
+        L.forward(Space(), xd, y);
+      } else {
+        L.infer(Space(), xd, y);
+      }
+      return test::from_view(y);
+    };
+    for (bool train : {true, false}) {
+      Vec const a = run(detail::dev::WsGather::team, train), b = run(detail::dev::WsGather::sort, train);
+      ASSERT_EQ(a.size(), b.size());
+      std::size_t diff = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) diff += std::memcmp(&a[i], &b[i], sizeof(double)) != 0;
+      EXPECT_EQ(diff, 0u) << (train ? "forward" : "infer") << ": " << diff << " of " << a.size() << " outputs differ";
+    }
+  }
+  detail::dev::ws_gather() = saved;
+}
+
 // Loss = sum(y * Rw) + aux + z; gradients against central differences, float64.
 TEST(MoeLayer, GradientsMatchFiniteDifferences) {
   unsigned seed = 100;
