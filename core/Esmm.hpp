@@ -1186,9 +1186,9 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
   }
 #endif
   if (base.transpose_w) {
-    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, dev::async_copies_for(M, false), pairs, 0, {}, {}});
+    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, async, pairs, 0, {}, {}});
   } else {
-    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, dev::async_copies_for(M, false), pairs, 0, {}, {}});
+    with_split(EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, async, pairs, 0, {}, {}});
   }
 }
 
