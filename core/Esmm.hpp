@@ -1168,10 +1168,12 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
 #if defined(HEXAMOE_ESMM_WS)
   // Hopper with sm_90a machine code: the warp-specialized kernel
   // (EsmmHopper.hpp) where the team kernel would run wgmma with paired
-  // outputs, K a multiple of 8 and the experts' tile counts fit its table.
+  // outputs, K a positive multiple of 8 (tensor maps have no empty
+  // extents) and the experts' tile counts fit its table.
   if constexpr (M == dev::Math::bf16_mma && std::is_same_v<ExecutionSpace, Kokkos::Cuda>) {
     bool const contiguous = base.x.source == RowSource::sorted;  // A's rows are the sorted positions
-    if (vec_x && vec_w && async && pairs && base.K % 8 == 0 && E <= dev::WS_MAX_EXPERTS && dev::esmm_ws_enabled() &&
+    if (vec_x && vec_w && async && pairs && base.K > 0 && base.K % 8 == 0 && E <= dev::WS_MAX_EXPERTS &&
+        dev::esmm_ws_enabled() &&
         (contiguous || dev::ws_gather() == dev::WsGather::cp || dev::ws_gather() == dev::WsGather::tma) &&
         dev::wgmma_in_use(space)) {
       int const gather = dev::ws_gather() == dev::WsGather::cp ? dev::WS_A_CP : dev::WS_A_ROWS;

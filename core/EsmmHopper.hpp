@@ -46,6 +46,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -386,15 +387,19 @@ void launch_esmm_ws(Kokkos::Cuda const &space, std::string const &label, DK cons
     encode_bf16_map(&maps.a, x.data(), 2, dims, strides, box, "the sorted rows");
   }
   auto kernel = esmm_ws_kernel<DK>;
-  static bool const opted = [&] {
+  // Opting into more shared memory is per kernel and device (a process may
+  // drive several devices): once for each device this kernel meets.
+  static std::uint64_t opted = 0;
+  int const dev_id = space.cuda_device();
+  std::uint64_t const bit = dev_id >= 0 && dev_id < 64 ? std::uint64_t(1) << dev_id : 0;
+  if (bit == 0 || (opted & bit) == 0) {
     cudaError_t const err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(WS_SMEM));
     if (err != cudaSuccess)
       throw std::runtime_error("hexamoe: " + label + ": cannot give a block " + std::to_string(WS_SMEM) +
                                " bytes of shared memory: " + cudaGetErrorString(err));
-    return true;
-  }();
-  (void)opted;
+    opted |= bit;
+  }
   int const sms = space.cuda_device_prop().multiProcessorCount;
   int blocks = units_bound < sms ? units_bound : sms;
   if (ws_blocks_override() > 0 && ws_blocks_override() < blocks) blocks = ws_blocks_override();
