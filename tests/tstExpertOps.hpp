@@ -680,21 +680,18 @@ TEST(ExpertOps, WarpSpecializedSettingIsChecked) {
   EXPECT_EQ(detail::dev::parse_ws_gather("cp"), WsGather::cp);
   EXPECT_EQ(detail::dev::parse_ws_gather("sort"), WsGather::sort);
   EXPECT_EQ(detail::dev::parse_ws_gather("team"), WsGather::team);
+  // Any other value: an error that names the variable and the value.
+  auto rejects = [](auto parse, std::string const &var, char const *bad) {
+    try {
+      parse(bad);
+      ADD_FAILURE() << var << "='" << bad << "' was accepted";
+    } catch (std::invalid_argument const &e) {
+      EXPECT_NE(std::string(e.what()).find(var + "='" + bad + "'"), std::string::npos) << e.what();
+    }
+  };
   for (char const *bad : {"yes", "off"}) {
-    try {
-      detail::dev::parse_esmm_ws(bad);
-      ADD_FAILURE() << "HEXAMOE_ESMM_WS='" << bad << "' was accepted";
-    } catch (std::invalid_argument const &e) {
-      EXPECT_NE(std::string(e.what()).find("HEXAMOE_ESMM_WS='" + std::string(bad) + "'"), std::string::npos)
-          << e.what();
-    }
-    try {
-      detail::dev::parse_ws_gather(bad);
-      ADD_FAILURE() << "HEXAMOE_ESMM_WS_GATHER='" << bad << "' was accepted";
-    } catch (std::invalid_argument const &e) {
-      EXPECT_NE(std::string(e.what()).find("HEXAMOE_ESMM_WS_GATHER='" + std::string(bad) + "'"), std::string::npos)
-          << e.what();
-    }
+    rejects(detail::dev::parse_esmm_ws, "HEXAMOE_ESMM_WS", bad);
+    rejects(detail::dev::parse_ws_gather, "HEXAMOE_ESMM_WS_GATHER", bad);
   }
 }
 
