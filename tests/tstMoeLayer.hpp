@@ -189,20 +189,43 @@ TEST(MoeLayer, ForwardFloat32AgainstDenseReference) { check_forward<float>(1e-5)
 // code, elsewhere both settings run the same kernels): the layer copies x's
 // rows into sorted order and x W1 reads the copy as sorted rows through the
 // warp-specialized kernel's tensor copies; with "team" the team kernel
-// reads x through the routing index. The copy only moves rows, and
-// every kernel multiplies the same products in the same k order, so the
+// reads x through the routing index. Both are held to a float64
+// evaluation on the layer's routing; and since the copy only moves rows and
+// every kernel multiplies the same products in the same k order, the
 // forward (training and inference, top-1 fused and top-2) gives the same
-// bits as reading x through the index (itself held to float64 references
-// in ExpertOps).
+// bits either way.
 TEST(MoeLayer, SortedCopyOfGatheredRowsGivesTheSameBits) {
   auto const saved = detail::dev::ws_gather();
   for (int k : {1, 2}) {
     Case const c{300, 64, 128, 4, k, Activation::gelu, false, 0.0, 0.0};
     SCOPED_TRACE("k=" + std::to_string(k));
     MoeLayer<bfloat16, Space> L(config_of(c));
-    randomise(L, c, 31);
+    Params const P = randomise(L, c, 31);
     std::mt19937 rng(32);
-    V2<bfloat16> xd = test::to_view<bfloat16>(test::random_vec(std::size_t(c.T) * c.d, rng), V2<bfloat16>("x", c.T, c.d));
+    Vec const x = test::rounded<bfloat16>(test::random_vec(std::size_t(c.T) * c.d, rng));
+    V2<bfloat16> xd = test::to_view<bfloat16>(x, V2<bfloat16>("x", c.T, c.d));
+    // float64 on the layer's own routing (read back: bf16 logits may rank
+    // near-equal experts otherwise than float64 would), h unrounded.
+    auto const check = [&](Vec const &y, char const *what) {
+      auto const idx = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), L.router.idx);
+      Vec const gate = test::from_view(L.router.gate);
+      Vec ref(std::size_t(c.T) * c.d, 0.0), h(c.H);
+      for (int t = 0; t < c.T; ++t)
+        for (int j = 0; j < c.k; ++j) {
+          int const e = idx(t, j);
+          for (int n = 0; n < c.H; ++n) {
+            double z = P.b1[std::size_t(e) * c.H + n];
+            for (int i = 0; i < c.d; ++i) z += x[std::size_t(t) * c.d + i] * P.w1[(std::size_t(e) * c.d + i) * c.H + n];
+            h[n] = test::act_ref(c.act, z);
+          }
+          for (int o = 0; o < c.d; ++o) {
+            double v = P.b2[std::size_t(e) * c.d + o];
+            for (int n = 0; n < c.H; ++n) v += h[n] * P.w2[(std::size_t(e) * c.H + n) * c.d + o];
+            ref[std::size_t(t) * c.d + o] += gate[std::size_t(t) * c.k + j] * v;
+          }
+        }
+      EXPECT_LE(test::rel_error(y, ref), 1e-2) << what;  // bf16 h and y: 2^-9 each
+    };
     auto run = [&](detail::dev::WsGather g, bool train) {
       detail::dev::ws_gather() = g;
       V2<bfloat16> y("y", c.T, c.d);
@@ -215,7 +238,10 @@ TEST(MoeLayer, SortedCopyOfGatheredRowsGivesTheSameBits) {
       return test::from_view(y);
     };
     for (bool train : {true, false}) {
-      Vec const a = run(detail::dev::WsGather::team, train), b = run(detail::dev::WsGather::sort, train);
+      Vec const a = run(detail::dev::WsGather::team, train);
+      check(a, "through the index");
+      Vec const b = run(detail::dev::WsGather::sort, train);
+      check(b, "sorted copy");
       ASSERT_EQ(a.size(), b.size());
       std::size_t diff = 0;
       for (std::size_t i = 0; i < a.size(); ++i) diff += std::memcmp(&a[i], &b[i], sizeof(double)) != 0;
