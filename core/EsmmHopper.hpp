@@ -66,12 +66,12 @@ namespace dev {
 constexpr int WS_STAGES = 6;          // stages of k = 64 in flight
 constexpr int WS_KS = 64;             // k of a stage
 constexpr int WS_THREADS = 384;       // two multiplying warpgroups + one copying
-constexpr int WS_MAX_EXPERTS = 1024;
+constexpr int WS_MAX_EXPERTS = 1024;  // experts whose tile counts fit the block's table
 // How A reaches the stages: one tensor copy of a 128-row box (its rows are
 // the sorted positions), a tensor copy a row (rows gathered through the
 // routing index), or cp.async by the whole copying warpgroup.
-constexpr int WS_A_BOX = 0, WS_A_ROWS = 1, WS_A_CP = 2;  // experts whose tile counts fit the block's table
-constexpr unsigned WS_STAGE_BYTES = BM * WS_KS * 2;  // one operand's stage: four 4096-byte k = 16 blocks
+constexpr int WS_A_BOX = 0, WS_A_ROWS = 1, WS_A_CP = 2;
+constexpr unsigned WS_STAGE_BYTES = BM * WS_KS * 2;  // one operand's stage: 128 x 64 bf16, 16 KB
 constexpr std::size_t WS_SMEM =
     2u * WS_STAGES * WS_STAGE_BYTES + 16u * WS_STAGES + 16u + 4u * (WS_MAX_EXPERTS + 1) + 2u * BM * 12u + 4u * BM + 1024u;
 
@@ -91,16 +91,15 @@ inline WsGather parse_ws_gather(char const *v) {
   std::string const s = v == nullptr ? "" : v;
   if (s.empty() || s == "sort") return WsGather::sort;
   if (s == "team") return WsGather::team;
-  if (s == "tma") return WsGather::tma;
-  if (s == "sort") return WsGather::sort;
   if (s == "cp") return WsGather::cp;
+  if (s == "tma") return WsGather::tma;
   throw std::invalid_argument("HEXAMOE_ESMM_WS_GATHER='" + s + "' is not sort, team, cp or tma");
 }
+// Both settings are read once from the environment (tests set them).
 inline WsGather &ws_gather() {
   static WsGather g = parse_ws_gather(std::getenv("HEXAMOE_ESMM_WS_GATHER"));
   return g;
 }
-// Read once from the environment (tests set it both ways).
 inline bool &esmm_ws_enabled() {
   static bool on = parse_esmm_ws(std::getenv("HEXAMOE_ESMM_WS"));
   return on;
