@@ -4,7 +4,7 @@
 // The team kernel of Esmm.hpp (two teams of 256 threads per multiprocessor,
 // 40 KB of scratch each, what a Kokkos TeamPolicy grants) copies and
 // multiplies with the same warps, one k = 16 step per barrier. Here one block
-// of 384 threads runs per multiprocessor with 197 KB of shared memory:
+// of 384 threads runs per multiprocessor with 201 KB of shared memory:
 //
 // - warpgroup 2 copies, into six stages of k = 64: W by tensor copies
 //   (TMA, one thread) and A by one tensor copy of a 128-row box where A's
