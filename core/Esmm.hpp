@@ -525,7 +525,7 @@ HEXAMOE_UNROLL
   template <Activation A>
   KOKKOS_INLINE_FUNCTION void epilogue_direct(float const (&acc)[8][8], int const *rflat, Acc const *rscale,
                                               Acc const *rgate, int e, int p0, int rows, int c0, int cols, int tid,
-                                              bool wg) const {
+                                              bool wg, Acc const *rbias = nullptr) const {
     auto const &ep = k.ep;
     int const lane = tid & 31, warp = tid >> 5;
     int const r_base = (warp >> 2) * 64 + (wg ? (warp & 3) * 16 : 0) + (lane >> 2);
@@ -585,7 +585,10 @@ HEXAMOE_UNROLL
         for (int j = 0; j < 4; ++j) {
           int const c = cg + 8 * j;
           bv[j][0] = bv[j][1] = Acc(0);
-          if (k.has_bias && c < cols) {
+          if (rbias != nullptr) {  // the tile's bias, in shared memory (0 past its columns)
+            bv[j][0] = rbias[c];
+            bv[j][1] = rbias[c + 1];
+          } else if (k.has_bias && c < cols) {
             Two<TW> const b = *reinterpret_cast<Two<TW> const *>(&k.bias(e, c0 + c));
             bv[j][0] = to_acc<Acc>(b.v[0]);
             bv[j][1] = to_acc<Acc>(b.v[1]);
@@ -670,19 +673,19 @@ HEXAMOE_UNROLL
   // hold them (thread t of the warpgroup is thread t, then t + 128, there).
   template <Activation A>
   KOKKOS_INLINE_FUNCTION void epilogue_ws_as(float const (&a0)[8][8], float const (&a1)[8][8], int const *rflat,
-                                             Acc const *rscale, Acc const *rgate, int e, int p0, int rows, int c0,
-                                             int cols, int t) const {
-    epilogue_direct<A>(a0, rflat, rscale, rgate, e, p0, rows, c0, cols, t, true);
-    epilogue_direct<A>(a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t + 128, true);
+                                             Acc const *rscale, Acc const *rgate, Acc const *rbias, int e, int p0,
+                                             int rows, int c0, int cols, int t) const {
+    epilogue_direct<A>(a0, rflat, rscale, rgate, e, p0, rows, c0, cols, t, true, rbias);
+    epilogue_direct<A>(a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t + 128, true, rbias);
   }
   KOKKOS_INLINE_FUNCTION void epilogue_ws(float const (&a0)[8][8], float const (&a1)[8][8], int const *rflat,
-                                          Acc const *rscale, Acc const *rgate, int e, int p0, int rows, int c0,
-                                          int cols, int t) const {
+                                          Acc const *rscale, Acc const *rgate, Acc const *rbias, int e, int p0,
+                                          int rows, int c0, int cols, int t) const {
     switch (k.ep.act) {
-      case Activation::gelu: epilogue_ws_as<Activation::gelu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
-      case Activation::relu: epilogue_ws_as<Activation::relu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
-      case Activation::silu: epilogue_ws_as<Activation::silu>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
-      default: epilogue_ws_as<Activation::identity>(a0, a1, rflat, rscale, rgate, e, p0, rows, c0, cols, t); break;
+      case Activation::gelu: epilogue_ws_as<Activation::gelu>(a0, a1, rflat, rscale, rgate, rbias, e, p0, rows, c0, cols, t); break;
+      case Activation::relu: epilogue_ws_as<Activation::relu>(a0, a1, rflat, rscale, rgate, rbias, e, p0, rows, c0, cols, t); break;
+      case Activation::silu: epilogue_ws_as<Activation::silu>(a0, a1, rflat, rscale, rgate, rbias, e, p0, rows, c0, cols, t); break;
+      default: epilogue_ws_as<Activation::identity>(a0, a1, rflat, rscale, rgate, rbias, e, p0, rows, c0, cols, t); break;
     }
   }
 
@@ -1168,20 +1171,18 @@ void launch_esmm_device(ExecutionSpace const &space, EsmmKernel<ExecutionSpace, 
 #if defined(HEXAMOE_ESMM_WS)
   // Hopper with sm_90a machine code: the warp-specialized kernel
   // (EsmmHopper.hpp) where the team kernel would run wgmma with paired
-  // outputs, K a positive multiple of 8 (tensor maps have no empty
-  // extents) and the experts' tile counts fit its table.
+  // outputs, A's rows are the sorted positions, K is a positive multiple of
+  // 8 (tensor maps have no empty extents) and the experts' tile counts fit
+  // its table.
   if constexpr (M == dev::Math::bf16_mma && std::is_same_v<ExecutionSpace, Kokkos::Cuda>) {
     bool const contiguous = base.x.source == RowSource::sorted;  // A's rows are the sorted positions
     if (vec_x && vec_w && async && pairs && base.K > 0 && base.K % 8 == 0 && E <= dev::WS_MAX_EXPERTS &&
-        dev::esmm_ws_enabled() &&
-        (contiguous || dev::ws_gather() == dev::WsGather::cp || dev::ws_gather() == dev::WsGather::tma) &&
-        dev::wgmma_in_use(space)) {
-      int const gather = dev::ws_gather() == dev::WsGather::cp ? dev::WS_A_CP : dev::WS_A_ROWS;
+        dev::esmm_ws_enabled() && contiguous && dev::wgmma_in_use(space)) {
       std::string const label = dev::kernel_label("hexamoe::esmm", M, base.transpose_w ? ", W^T, ws" : ", ws");
       if (base.transpose_w) {
-        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles, contiguous, gather);
+        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, true>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles);
       } else {
-        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles, contiguous, gather);
+        dev::launch_esmm_ws(space, label, EsmmDeviceKernel<ExecutionSpace, TX, TW, TY, MemorySpace, M, false>{b, vec_x, vec_w, async, pairs, 0, {}, {}}, row_tiles * col_tiles);
       }
       return;
     }
@@ -1260,57 +1261,21 @@ inline int esmm_host_row_group(int S, int E, int col_tiles, int concurrency) {
 // ESMM: see the file comment. W is [E, K, N], or [E, N, K] with transpose_w.
 // bias (optional, may be an empty view) is [E, N].
 // Whether a caller that reads token rows through the index (x W1) should
-// first copy them into sorted order (gather_sorted_rows) and pass them as
-// sorted rows: bf16 on Hopper where the warp-specialized kernel runs
-// (core/EsmmHopper.hpp; HEXAMOE_ESMM_WS_GATHER=sort, the default), and
-// nothing is dropped (every sorted position has its assignment).
-template <class T, class ExecutionSpace, class MemorySpace>
-bool esmm_sorts_gathered_rows(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R) {
+// first copy them into sorted order (SortedRowCopy, RoutingIndex.hpp) and
+// pass them as sorted rows: bf16 on Hopper where the warp-specialized
+// kernel runs (core/EsmmHopper.hpp; HEXAMOE_ESMM_WS_GATHER=sort, the
+// default), and nothing is dropped (every sorted position has its
+// assignment).
+template <class T, class ExecutionSpace>
+bool esmm_sorts_gathered_rows(ExecutionSpace const &space, bool dropless) {
 #if defined(HEXAMOE_ESMM_WS)
   if constexpr (std::is_same_v<ExecutionSpace, Kokkos::Cuda> && std::is_same_v<T, bfloat16>) {
-    return R.capacity == 0 && detail::dev::esmm_ws_enabled() &&
-           detail::dev::ws_gather() == detail::dev::WsGather::sort &&
+    return dropless && detail::dev::esmm_ws_enabled() && detail::dev::ws_gather() == detail::dev::WsGather::sort &&
            detail::dev::async_copies_for(detail::dev::Math::bf16_mma, false) && detail::dev::wgmma_in_use(space);
   }
 #endif
-  (void)space, (void)R;
+  (void)space, (void)dropless;
   return false;
-}
-
-// out[p, :] = x[t(p), :] for every sorted position p (t: the token of its
-// assignment); 16 bytes at a time where rows allow.
-template <class ExecutionSpace, class T, class MemorySpace>
-void gather_sorted_rows(ExecutionSpace const &space, RoutingIndex<MemorySpace> const &R,
-                        Kokkos::View<T const **, Kokkos::LayoutRight, MemorySpace> x,
-                        Kokkos::View<T **, Kokkos::LayoutRight, MemorySpace> out) {
-  int const S = static_cast<int>(R.sorted_flat.extent(0)), d = static_cast<int>(x.extent(1)), k = R.top_k;
-  if (static_cast<int>(out.extent(0)) < S || static_cast<int>(out.extent(1)) != d)
-    throw std::invalid_argument("gather_sorted_rows: out is [" + std::to_string(out.extent(0)) + ", " +
-                                std::to_string(out.extent(1)) + "], expected at least [" + std::to_string(S) + ", " +
-                                std::to_string(d) + "]");
-  auto const flat = R.sorted_flat;
-  constexpr int V = 16 / sizeof(T);
-  bool const vec = sizeof(T) <= 16 && 16 % sizeof(T) == 0 && d % V == 0 && x.stride_0() % V == 0 &&
-                   out.stride_0() % V == 0 && reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0 &&
-                   reinterpret_cast<std::uintptr_t>(out.data()) % 16 == 0;
-  if (vec) {
-    int const per = d / V;
-    Kokkos::parallel_for(
-        "hexamoe::gather_sorted_rows", Kokkos::RangePolicy<ExecutionSpace>(space, 0, std::size_t(S) * per),
-        KOKKOS_LAMBDA(std::size_t i) {
-          int const p = static_cast<int>(i / per), c = static_cast<int>(i % per);
-          int const t = flat(p) / k;
-          *reinterpret_cast<detail::dev::Vec16 *>(&out(p, c * V)) =
-              *reinterpret_cast<detail::dev::Vec16 const *>(&x(t, c * V));
-        });
-  } else {
-    Kokkos::parallel_for(
-        "hexamoe::gather_sorted_rows", Kokkos::RangePolicy<ExecutionSpace>(space, 0, std::size_t(S) * d),
-        KOKKOS_LAMBDA(std::size_t i) {
-          int const p = static_cast<int>(i / d), c = static_cast<int>(i % d);
-          out(p, c) = x(flat(p) / k, c);
-        });
-  }
 }
 
 template <class ExecutionSpace, class TX, class TW, class TY, class MemorySpace>

@@ -4,18 +4,20 @@
 // The team kernel of Esmm.hpp (two teams of 256 threads per multiprocessor,
 // 40 KB of scratch each, what a Kokkos TeamPolicy grants) copies and
 // multiplies with the same warps, one k = 16 step per barrier. Here one block
-// of 384 threads runs per multiprocessor with 201 KB of shared memory:
+// of 384 threads runs per multiprocessor with 206 KB of shared memory:
 //
-// - warpgroup 2 copies, into six stages of k = 64: W by tensor copies
-//   (TMA, one thread) and A by one tensor copy of a 128-row box where A's
-//   rows are the sorted positions (h W2 in the forward, dx = dz1 W1^T in
-//   the backward, and x W1 from the layer's sorted copy of x's rows, see
-//   WsGather). Each stage's transaction barrier ("full") completes when its
-//   bytes have landed; the warpgroup waits for a stage's "empty" barrier
-//   before refilling it. Rows gathered through the routing index otherwise
-//   (dz1 = (g dy) W2^T) keep the team kernel: this kernel can gather them
-//   with cp.async (all 128 threads, whole 128-byte lines a warp
-//   instruction) or with a tensor copy a row, both measured slower.
+// - warpgroup 2 copies. Its first thread fills six stages of k = 64 with
+//   tensor copies (TMA) of W and of A's 128-row box, A's rows being the
+//   sorted positions (h W2 in the forward, dx = dz1 W1^T in the backward,
+//   and x W1 from the layer's sorted copy of x's rows, see WsGather). Each
+//   stage's transaction barrier ("full") completes when its bytes have
+//   landed; the thread waits for a stage's "empty" barrier before refilling
+//   it. Rows gathered through the routing index (dz1 = (g dy) W2^T) keep the
+//   team kernel. Its warps 1 to 3 (the helpers) write each tile's header
+//   and tables (the rows' flat ids, scales and gates, the columns' bias)
+//   into a ring of four, for the tile's epilogue: the multiplying warps
+//   then read no device memory before their stores (Nsight Compute: the
+//   epilogue's bias loads, issued a row block at a time, stalled it).
 // - warpgroups 0 and 1 multiply: each owns whole 128 x 128 output tiles (the
 //   league of tiles is dealt round-robin to the blocks, and a block's tiles
 //   alternate between its two warpgroups), two m64n128k16 wgmma a k = 16
@@ -26,18 +28,12 @@
 //   While one warpgroup runs its epilogue the other multiplies, so the
 //   tensor cores do not wait for epilogues.
 //
-// Tensor copies write through the asynchronous proxy, which the wgmma reads
-// too; cp.async writes through the generic proxy, so the multiplying warps
-// fence (fence.proxy.async) after their wait where A came by cp.async
-// (PTX ISA).
-//
 // A stage of A (and of W^T) is [128][64] K-major, rows of 128 bytes with
 // the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8), the
 // pattern a tensor copy writes; 8-row atoms of 1024 bytes); a k = 16 step
 // starts 32 bytes further along the rows. A stage of W (N-major) is two
 // halves of [64][64] (k rows of 64 columns, 128 bytes, the same swizzle),
-// 8192 bytes apart; a k = 16 step starts 16 rows further down. A warp's
-// cp.async instruction writes 512 contiguous bytes (no bank conflicts).
+// 8192 bytes apart; a k = 16 step starts 16 rows further down.
 #pragma once
 
 #include "EnvSwitch.hpp"
@@ -66,14 +62,13 @@ namespace dev {
 constexpr int WS_STAGES = 6;          // stages of k = 64 in flight
 constexpr int WS_KS = 64;             // k of a stage
 constexpr int WS_THREADS = 384;       // two multiplying warpgroups + one copying
+constexpr int WS_HELPERS = 96;        // the copying warpgroup's warps 1 to 3: the tiles' information
+constexpr int WS_INFOS = 4;           // tiles' information in the ring (even: a slot serves one warpgroup)
 constexpr int WS_MAX_EXPERTS = 1024;  // experts whose tile counts fit the block's table
-// How A reaches the stages: one tensor copy of a 128-row box (its rows are
-// the sorted positions), a tensor copy a row (rows gathered through the
-// routing index), or cp.async by the whole copying warpgroup.
-constexpr int WS_A_BOX = 0, WS_A_ROWS = 1, WS_A_CP = 2;
 constexpr unsigned WS_STAGE_BYTES = BM * WS_KS * 2;  // one operand's stage: 128 x 64 bf16, 16 KB
-constexpr std::size_t WS_SMEM =
-    2u * WS_STAGES * WS_STAGE_BYTES + 16u * WS_STAGES + 16u + 4u * (WS_MAX_EXPERTS + 1) + 2u * BM * 12u + 4u * BM + 1024u;
+constexpr unsigned WS_INFO_BYTES = 32u + 4u * (3u * BM + BN);  // WsTileInfo (float32 accumulation)
+constexpr std::size_t WS_SMEM = 2u * WS_STAGES * WS_STAGE_BYTES + 16u * WS_STAGES + 16u + 16u * WS_INFOS +
+                                WS_INFOS * WS_INFO_BYTES + 4u * (WS_MAX_EXPERTS + 1) + 1024u;
 
 // HEXAMOE_ESMM_WS=0 keeps the team kernel on Hopper (comparison runs).
 inline bool parse_esmm_ws(char const *v) { return parse_env_switch("HEXAMOE_ESMM_WS", v); }
@@ -81,19 +76,16 @@ inline bool parse_esmm_ws(char const *v) { return parse_env_switch("HEXAMOE_ESMM
 // layer copies the rows it gathers into sorted order first (MoeLayer's x W1,
 // into a buffer it holds anyway; esmm_sorts_gathered_rows in Esmm.hpp) and
 // this kernel reads the copy as one box a stage; "team": the team kernel
-// reads them through the index; "cp" or "tma": this kernel gathers them
-// with cp.async or with a tensor copy a row. Measured on an H100
-// (docs/PERFORMANCE.md), swinS-s3-top1 x W1: from the sorted copy 89 us
-// (+ 10 us for the copy), the team kernel 110 us, cp.async 121 us, a tensor
-// copy a row 341 us.
-enum class WsGather { sort, team, cp, tma };
+// reads them through the index. Measured on an H100 (docs/PERFORMANCE.md),
+// swinS-s3-top1 x W1: from the sorted copy 89 us (+ 10 us for the copy),
+// the team kernel 110 us; this kernel gathering the rows itself was slower
+// (cp.async 121 us, a tensor copy a row 341 us) and was removed.
+enum class WsGather { sort, team };
 inline WsGather parse_ws_gather(char const *v) {
   std::string const s = v == nullptr ? "" : v;
   if (s.empty() || s == "sort") return WsGather::sort;
   if (s == "team") return WsGather::team;
-  if (s == "cp") return WsGather::cp;
-  if (s == "tma") return WsGather::tma;
-  throw std::invalid_argument("HEXAMOE_ESMM_WS_GATHER='" + s + "' is not sort, team, cp or tma");
+  throw std::invalid_argument("HEXAMOE_ESMM_WS_GATHER='" + s + "' is not sort or team");
 }
 // Both settings are read once from the environment (tests set them).
 inline WsGather &ws_gather() {
@@ -113,35 +105,54 @@ inline int &ws_blocks_override() {
   return v;
 }
 
-template <class DK>
-using TX_of = typename std::decay_t<decltype(std::declval<DK>().k.x.rows)>::value_type;
-
 // The body; DK is Esmm.hpp's EsmmDeviceKernel (bf16 operands). Device code
 // of the sm_90a pass only: elsewhere the kernel is empty and never launched
 // (wgmma_in_use).
+// A tile's header and row tables in shared memory, filled by the copying
+// warpgroup's helper warps ahead of the tile's epilogue.
+template <class Acc>
+struct WsTileInfo {
+  int e, p0, rows, c0, cols, pad[3];
+  int flat[BM];   // flat assignment id of each of the tile's rows (0 past them)
+  Acc scale[BM];  // the row's scale (0 past the rows)
+  Acc gate[BM];   // the gate of a token's output (1 without one)
+  Acc bias[BN];   // bias of each of the tile's columns (0 without one)
+};
+
+// The body; DK is Esmm.hpp's EsmmDeviceKernel (bf16 operands, A's rows the
+// sorted positions). Device code of the sm_90a pass only: elsewhere the
+// kernel is empty and never launched (wgmma_in_use).
 template <class DK>
-KOKKOS_INLINE_FUNCTION void esmm_ws_body(DK const &f, char *smem_raw, int tid, int block, int blocks, int a_mode,
+KOKKOS_INLINE_FUNCTION void esmm_ws_body(DK const &f, char *smem_raw, int tid, int block, int blocks,
                                          void const *map_a, void const *map_b) {
 #if defined(HEXAMOE_WGMMA)
   constexpr int S = WS_STAGES;
+  constexpr int NI = WS_INFOS;
   constexpr unsigned SB = WS_STAGE_BYTES;
   using Acc = typename DK::Acc;
+  using Info = WsTileInfo<Acc>;
+  static_assert(sizeof(Info) == WS_INFO_BYTES, "WS_INFO_BYTES: the tile information's size");
   auto const &k = f.k;
   auto const &R = k.R;
   unsigned const raw = smem_u32(smem_raw);
   unsigned const pad = (1024u - (raw & 1023u)) & 1023u;
   char *const smem = smem_raw + pad;
   unsigned const sA = raw + pad, sB = sA + S * SB;
-  unsigned const full = sB + S * SB, empty = full + 8u * S, turn = empty + 8u * S;
-  int *const tstart = reinterpret_cast<int *>(smem + 2u * S * SB + 16u * S + 16u);
-  char *const tables = reinterpret_cast<char *>(tstart + WS_MAX_EXPERTS + 1);
+  unsigned const full = sB + S * SB, empty = full + 8u * S, turn = empty + 8u * S, ifull = turn + 16u,
+                 iempty = ifull + 8u * NI;
+  Info *const infos = reinterpret_cast<Info *>(smem + 2u * S * SB + 16u * S + 16u + 16u * NI);
+  int *const tstart = reinterpret_cast<int *>(infos + NI);
 
   // The experts' first tiles (prefix sums of their tile counts) and the barriers.
   int const E = R.num_experts;
   for (int i = tid; i < E; i += WS_THREADS) tstart[i + 1] = (R.counts(i) + BM - 1) / BM;
   if (tid < S) {
-    mbar_init(full + 8u * tid, a_mode == WS_A_CP ? 129u : 1u);  // the tensor copies' thread (+ every cp.async thread)
+    mbar_init(full + 8u * tid, 1u);  // the tensor copies' thread
     mbar_init(empty + 8u * tid, 1u);
+  }
+  if (tid < NI) {
+    mbar_init(ifull + 8u * tid, WS_HELPERS);  // every helper thread
+    mbar_init(iempty + 8u * tid, 128u);       // every thread of the tile's warpgroup
   }
   if (tid < 2) mbar_init(turn + 8u * tid, 1u);
   __syncthreads();
@@ -167,87 +178,63 @@ KOKKOS_INLINE_FUNCTION void esmm_ws_body(DK const &f, char *smem_raw, int tid, i
     c0 = ct * BN;
     cols = (k.N - c0) < BN ? (k.N - c0) : BN;
   };
-  char const *const dummy = reinterpret_cast<char const *>(k.w.data());  // aligned; read for no byte
 
   if (tid >= 256) {
     // The copying warpgroup. Its first thread issues the tensor copies of W
-    // (and of A where A's rows are the sorted positions themselves, a
-    // contiguous box) and announces their bytes; where A's rows are
-    // gathered through the routing index, every thread copies A with
-    // cp.async, whole 128-byte lines a warp instruction (eight threads a
-    // row), from a table of the tile's rows of X (-1 past its rows) that
-    // this warpgroup fills, and arrives when its copies have landed.
+    // and A into the stages and announces their bytes. Its warps 1 to 3
+    // (the helpers) fill each tile's header and row tables (rows' flat ids,
+    // scales and gates, the columns' bias) in a ring of NI, so that the
+    // multiplying warpgroups read no device memory before their stores.
     regs_dec<56>();
     int const pt = tid - 256;
-    if ((a_mode == WS_A_BOX && pt != 0) || (a_mode == WS_A_ROWS && pt >= 32)) return;
-    int *const arow = reinterpret_cast<int *>(tables + 2 * BM * 12);
-    TX_of<DK> const *const xbase = k.x.rows.data();
-    std::size_t const ldx = k.x.rows.stride_0();
-    int const cc = pt & 7;   // this thread's 16-byte chunk of a row's 128 bytes
-    int const rq = pt >> 3;  // its row in each group of 16 rows
-    unsigned const tx_bytes = a_mode == WS_A_BOX ? 2u * SB : SB;  // (+ 128 bytes a row of the tile, WS_A_ROWS)
-    int s = 0;  // the block's stage count
-    for (int u = block; u < units; u += blocks) {
-      int e, p0, rows, c0, cols;
-      decode(u, e, p0, rows, c0, cols);
-      (void)cols;
-      if (a_mode == WS_A_CP) {
-        named_barrier(3u, 128u);  // every copy of the previous tile is issued
-        arow[pt] = pt < rows ? k.x.row(p0 + pt, R.sorted_flat(p0 + pt), R.top_k) : -1;
-        named_barrier(3u, 128u);
-      } else if (a_mode == WS_A_ROWS) {
-        __syncwarp();
-        for (int r = pt; r < BM; r += 32) arow[r] = r < rows ? k.x.row(p0 + r, R.sorted_flat(p0 + r), R.top_k) : -1;
-        __syncwarp();
-      }
-      for (int j = 0; j < nk; ++j, ++s) {
-        int const slot = s % S;
-        int const k0 = j * WS_KS;
-        mbar_wait(empty + 8u * slot, ((s / S) & 1) ^ 1);
-        unsigned const dA = sA + slot * SB, dB = sB + slot * SB, bar = full + 8u * slot;
-        if (pt == 0) {
-          mbar_arrive_expect_tx(bar, tx_bytes + (a_mode == WS_A_ROWS ? 128u * static_cast<unsigned>(rows) : 0u));
+    if (pt == 0) {
+      int s = 0;  // the block's stage count
+      for (int u = block; u < units; u += blocks) {
+        int e, p0, rows, c0, cols;
+        decode(u, e, p0, rows, c0, cols);
+        (void)rows, (void)cols;
+        for (int j = 0; j < nk; ++j, ++s) {
+          int const slot = s % S;
+          int const k0 = j * WS_KS;
+          mbar_wait(empty + 8u * slot, ((s / S) & 1) ^ 1);
+          unsigned const dA = sA + slot * SB, dB = sB + slot * SB, bar = full + 8u * slot;
+          mbar_arrive_expect_tx(bar, 2u * SB);
           if constexpr (DK::trans_w) {
             tma_load_3d(dB, map_b, k0, c0, e, bar);  // W^T [e][c0 .. c0 + 127][k0 .. k0 + 63]
           } else {
             tma_load_3d(dB, map_b, c0, k0, e, bar);  // W [e][k0 .. k0 + 63][c0 .. c0 + 63], then the next 64 columns
             tma_load_3d(dB + SB / 2, map_b, c0 + 64, k0, e, bar);
           }
-          if (a_mode == WS_A_BOX) tma_load_2d(dA, map_a, k0, p0, bar);  // rows p0 .. p0 + 127
-        }
-        if (a_mode == WS_A_ROWS) {
-          // One tensor copy a row of the tile (128 bytes: the swizzle follows
-          // the shared address, so each row lands as in a box); rows past
-          // the tile's are left as they are (their products are not stored).
-          __syncwarp();
-          for (int r = pt; r < rows; r += 32) tma_load_2d(dA + r * 128u, map_a, k0, arow[r], bar);
-        }
-        if (a_mode == WS_A_CP) {
-          int const kk = k0 + 8 * cc;
-          bool const k_ok = kk < K;
-HEXAMOE_UNROLL
-          for (int q = 0; q < 8; ++q) {
-            int const r = 16 * q + rq;
-            int const xr = arow[r];
-            bool const ok = k_ok && xr >= 0;
-            cp_async16_at(dA + static_cast<unsigned>(r * 128 + ((cc ^ (r & 7)) << 4)),
-                          ok ? static_cast<void const *>(xbase + static_cast<std::size_t>(xr) * ldx + kk) : dummy,
-                          ok ? 16 : 0);
-          }
-          mbar_arrive_cp_async(bar);
+          tma_load_2d(dA, map_a, k0, p0, bar);  // rows p0 .. p0 + 127
         }
       }
+    } else if (pt >= 32) {
+      int const h = pt - 32;
+      bool const gated = k.ep.token_gate.data() != nullptr;
+      int i = 0;
+      for (int u = block; u < units; u += blocks, ++i) {
+        int const slot = i % NI;
+        mbar_wait(iempty + 8u * slot, ((i / NI) & 1) ^ 1);  // the tile NI before has left the slot
+        Info &in = infos[slot];
+        int e, p0, rows, c0, cols;
+        decode(u, e, p0, rows, c0, cols);
+        if (h == 0) in.e = e, in.p0 = p0, in.rows = rows, in.c0 = c0, in.cols = cols;
+        for (int r = h; r < BM; r += WS_HELPERS) {
+          int const flat = r < rows ? R.sorted_flat(p0 + r) : 0;
+          in.flat[r] = flat;
+          in.scale[r] = r < rows ? k.x.scale(flat) : Acc(0);
+          in.gate[r] = r < rows && gated ? k.ep.token_gate(flat) : Acc(1);
+          in.bias[r] = k.has_bias && r < cols ? to_acc<Acc>(k.bias(e, c0 + r)) : Acc(0);
+        }
+        mbar_arrive(ifull + 8u * slot);  // (release: the consumers' wait acquires these writes)
+      }
     }
-    if (a_mode == WS_A_CP) cp_async_wait<0>();
     return;
   }
 
   // The multiplying warpgroups.
   regs_inc<224>();
   int const w = tid >> 7, t = tid & 127;
-  int *const rflat = reinterpret_cast<int *>(tables + w * BM * 12);
-  Acc *const rscale = reinterpret_cast<Acc *>(rflat + BM);
-  Acc *const rgate = rscale + BM;
   std::uint64_t const da = gmma_desc(sA, 16u, 1024u, 1u);
   std::uint64_t const db = DK::trans_w ? gmma_desc(sB, 16u, 1024u, 1u) : gmma_desc(sB, SB / 2, 1024u, 1u);
   // Start-address steps (16-byte units) of a k = 16 block within a stage:
@@ -261,23 +248,15 @@ HEXAMOE_UNROLL
   // warpgroup's) has passed all of its own, so that no wait is ever a phase
   // ahead of its barrier (a parity wait cannot tell phase n from n - 2).
   // turn[w] completes its phase n when the other warpgroup has passed the
-  // stage waits of its n-th tile.
+  // stage waits of its n-th tile. (The ring of tile information holds an
+  // even count NI: slot i % NI last held tile i - NI, this warpgroup's.)
+  static_assert(NI % 2 == 0, "WS_INFOS: each slot serves one warpgroup");
   int s = 0, i = 0, n = 0;
   for (int u = block; u < units; u += blocks, ++i) {
     if ((i & 1) != w) {  // the other warpgroup's tile
       s += nk;
       continue;
     }
-    int e, p0, rows, c0, cols;
-    decode(u, e, p0, rows, c0, cols);
-    named_barrier(1u + w, 128u);  // this warpgroup's previous epilogue is done with the row table
-    {
-      int const flat = t < rows ? R.sorted_flat(p0 + t) : 0;
-      rflat[t] = flat;
-      rscale[t] = t < rows ? k.x.scale(flat) : Acc(0);
-      rgate[t] = t < rows && k.ep.token_gate.data() != nullptr ? k.ep.token_gate(flat) : Acc(1);
-    }
-    named_barrier(1u + w, 128u);
     float acc[2][8][8];
 HEXAMOE_UNROLL
     for (int h = 0; h < 2; ++h)
@@ -291,7 +270,6 @@ HEXAMOE_UNROLL
       int const slot = s % S;
       mbar_wait(full + 8u * slot, (s / S) & 1);
       if (j == nk - 1 && t == 0) mbar_arrive(turn + 8u * (1 - w));  // the other warpgroup's turn
-      if (a_mode == WS_A_CP) fence_proxy_async();  // the cp.async copies of A, for the tensor cores' reads
       unsigned const off = (slot * SB) >> 4;
       wgmma_fence();
 HEXAMOE_UNROLL
@@ -307,11 +285,15 @@ HEXAMOE_UNROLL
     }
     wgmma_wait<0>(acc[0], acc[1]);
     if (nk > 0 && t == 0) mbar_arrive(empty + 8u * ((s - 1) % S));
-    f.epilogue_ws(acc[0], acc[1], rflat, rscale, rgate, e, p0, rows, c0, cols, t);
+    int const slot = i % NI;
+    mbar_wait(ifull + 8u * slot, (i / NI) & 1);
+    Info const &in = infos[slot];
+    f.epilogue_ws(acc[0], acc[1], in.flat, in.scale, in.gate, in.bias, in.e, in.p0, in.rows, in.c0, in.cols, t);
+    mbar_arrive(iempty + 8u * slot);  // this thread is done with the slot
     ++n;
   }
 #else
-  (void)f, (void)smem_raw, (void)tid, (void)block, (void)blocks, (void)a_mode, (void)map_a, (void)map_b;
+  (void)f, (void)smem_raw, (void)tid, (void)block, (void)blocks, (void)map_a, (void)map_b;
 #endif
 }
 
@@ -325,10 +307,10 @@ struct WsMaps {  // (CUtensorMap carries its own alignment)
 
 template <class DK>
 __global__ void __launch_bounds__(WS_THREADS, 1)
-    esmm_ws_kernel(__grid_constant__ DK const f, __grid_constant__ WsMaps const maps, int a_mode) {
+    esmm_ws_kernel(__grid_constant__ DK const f, __grid_constant__ WsMaps const maps) {
   extern __shared__ __align__(16) char esmm_ws_smem[];
   esmm_ws_body(f, esmm_ws_smem, static_cast<int>(threadIdx.x), static_cast<int>(blockIdx.x),
-               static_cast<int>(gridDim.x), a_mode, &maps.a, &maps.b);
+               static_cast<int>(gridDim.x), &maps.a, &maps.b);
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (no link to
@@ -363,12 +345,9 @@ inline void encode_bf16_map(CUtensorMap *m, void const *base, cuuint32_t rank, c
 }
 
 // One block per multiprocessor (at most `units_bound` blocks) on space's
-// stream; A's rows by tensor copies where `a_contiguous` (the sorted
-// positions are the rows of A).
+// stream; A's rows are the sorted positions.
 template <class DK>
-void launch_esmm_ws(Kokkos::Cuda const &space, std::string const &label, DK const &f, int units_bound,
-                    bool a_contiguous, int gather_mode) {
-  int const a_mode = a_contiguous ? WS_A_BOX : gather_mode;
+void launch_esmm_ws(Kokkos::Cuda const &space, std::string const &label, DK const &f, int units_bound) {
   if (units_bound <= 0) return;
   WsMaps maps{};
   auto const &w = f.k.w;
@@ -378,11 +357,11 @@ void launch_esmm_ws(Kokkos::Cuda const &space, std::string const &label, DK cons
     cuuint32_t const box[3] = {64u, DK::trans_w ? 128u : 64u, 1u};
     encode_bf16_map(&maps.b, w.data(), 3, dims, strides, box, "the expert weights");
   }
-  if (a_mode != WS_A_CP) {
+  {
     auto const &x = f.k.x.rows;
     cuuint64_t const dims[2] = {x.extent(1), x.extent(0)};
     cuuint64_t const strides[1] = {x.stride_0() * 2u};
-    cuuint32_t const box[2] = {64u, a_mode == WS_A_BOX ? 128u : 1u};
+    cuuint32_t const box[2] = {64u, 128u};
     encode_bf16_map(&maps.a, x.data(), 2, dims, strides, box, "the sorted rows");
   }
   auto kernel = esmm_ws_kernel<DK>;
@@ -405,7 +384,7 @@ void launch_esmm_ws(Kokkos::Cuda const &space, std::string const &label, DK cons
   std::uint64_t kid = 0;
   bool const tools = Kokkos::Tools::profileLibraryLoaded();
   if (tools) Kokkos::Tools::beginParallelFor(label, Kokkos::Tools::Experimental::device_id(space), &kid);
-  kernel<<<blocks, WS_THREADS, WS_SMEM, space.cuda_stream()>>>(f, maps, a_mode);
+  kernel<<<blocks, WS_THREADS, WS_SMEM, space.cuda_stream()>>>(f, maps);
   cudaError_t const err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error("hexamoe: " + label + ": launch failed: " + cudaGetErrorString(err));
   if (tools) Kokkos::Tools::endParallelFor(kid);

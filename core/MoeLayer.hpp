@@ -303,8 +303,12 @@ class MoeLayer {
     check_tokens("x", x, T_);
     check_tokens("y", y, T_);
     router.forward(space, x);
-    route(space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space>(router.idx));
     ensure(space, S, H, d);
+    // (bf16 on Hopper, esmm_sorts_gathered_rows: x's rows copied into sorted
+    // order in o_, which h W2 overwrites afterwards, by the index's build.)
+    SortedRowCopy<T, memory_space> copy;
+    if (esmm_sorts_gathered_rows<T>(space, cfg_.capacity_factor == 0.0)) copy = {x, o_};
+    route(space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space>(router.idx), copy);
     x_ = x;
     forward_done_ = keep;
     inferred_ = !keep;
@@ -320,10 +324,15 @@ class MoeLayer {
                                   std::to_string(cfg_.dim) + "]");
   }
 
-  void route(ExecutionSpace const &space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space> idx) {
+  // copy (optional): x's rows into sorted order on the way (x_sorted_).
+  void route(ExecutionSpace const &space, Kokkos::View<int const **, Kokkos::LayoutRight, memory_space> idx,
+             SortedRowCopy<T, memory_space> const &copy = {}) {
     bool const own = idx.data() == router.idx.data();
-    // Recycles the last index's buffers: no allocation (and no implied device sync) per step.
-    index_ = build_routing_index(space, idx, cfg_.experts, cfg_.capacity_factor, /*validate=*/!own, index_);
+    // Recycles the last index's buffers: no allocation (and no implied device
+    // sync) per step. The router's chunk counts spare the build its count.
+    index_ = build_routing_index(space, idx, cfg_.experts, cfg_.capacity_factor, /*validate=*/!own, index_,
+                                 own ? router.chunk_counts() : ChunkCounts<memory_space>{}, copy);
+    x_sorted_ = copy.to.data() != nullptr;
     routed_ = !own;
     if (own) gate_ = router.gate;
   }
@@ -348,9 +357,10 @@ class MoeLayer {
       ep.post = h_;
       // (bf16 on Hopper, esmm_sorts_gathered_rows: x's rows copied into
       // sorted order in o_, which h W2 overwrites afterwards, then read as
-      // sorted rows, through tensor copies.)
-      if (esmm_sorts_gathered_rows<T>(space, R)) {
-        gather_sorted_rows(space, R, x, o_);
+      // sorted rows, through tensor copies; the forward's index build made
+      // the copy, forward_routed's is made here.)
+      if (x_sorted_ || esmm_sorts_gathered_rows<T>(space, R.capacity == 0)) {
+        if (!x_sorted_) detail::copy_sorted_rows(space, R, SortedRowCopy<T, memory_space>{x, o_});
         esmm(space, R, sorted_rows(Matrix<T const, memory_space>(o_)), Tensor3<T const, memory_space>(w1), false,
              Matrix<T const, memory_space>(b1), ep);
       } else {
@@ -374,6 +384,7 @@ class MoeLayer {
   MoeLayerConfig cfg_;
   index_type index_;
   bool routed_ = false;
+  bool x_sorted_ = false;  // the last route copied x's rows into o_ in sorted order
   bool forward_done_ = false;
   bool inferred_ = false;  // the last forward was infer()
   bool backward_done_ = false;

@@ -323,8 +323,12 @@ class Router {
     auto sn = count_part_;  // [chunks, Ep]: assignments to e
     // Partial rows of the statistics: a team of the tensor-core kernel, or a chunk.
     int const nparts = mma ? (T_ + detail::router_mma_tokens - 1) / detail::router_mma_tokens : nch;
+    chunk_counts_ = {};
     if constexpr (detail::dev::has_cuda_tensor_cores<ExecutionSpace> && std::is_same_v<Acc, float>) {
       if (mma && T_ > 0) {
+        chunk_counts_ = {Kokkos::subview(Matrix<int const, memory_space>(count_part_),
+                                         std::make_pair(0, nparts), Kokkos::ALL),
+                         detail::router_mma_tokens * k};
         bool const xvec = d % 8 == 0 && x.stride_0() % 8 == 0 && reinterpret_cast<std::uintptr_t>(x.data()) % 16 == 0;
         switch (detail::router_mma_ntiles(E)) {
           case 1: forward_mma<1>(space, x, xvec, nparts); break;
@@ -579,6 +583,11 @@ class Router {
     }
   }
 
+  // The last forward's assignments to each expert per team of the
+  // tensor-core forward (64 tokens), for the routing index; none (per = 0)
+  // after the other forward.
+  ChunkCounts<memory_space> chunk_counts() const { return chunk_counts_; }
+
   // Auxiliary balance loss and z-loss of the last forward (reads back two numbers).
   std::pair<double, double> losses() const {
     auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), losses_);
@@ -798,6 +807,7 @@ class Router {
   Matrix<Acc, memory_space> stats_;          // [f_e; P_e]
   Matrix<Acc, memory_space> stat_part_;      // [chunks, Epad + 1]
   Matrix<int, memory_space> count_part_;     // [chunks, Epad]
+  ChunkCounts<memory_space> chunk_counts_;   // rows of count_part_ by the tensor-core forward
   Matrix<Acc, memory_space> wgrad_part_;     // [chunks, (d + 1) * E]
 };
 

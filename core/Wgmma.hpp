@@ -141,9 +141,8 @@ KOKKOS_INLINE_FUNCTION void wgmma_wait(float (&d0)[8][8], float (&d1)[8][8]) {
 
 // --- the warp-specialized kernel's synchronization (sm_90a) ------------------
 // Transaction barriers in shared memory (mbarrier; addresses in the shared
-// state space), named barriers of a warpgroup, and the per-warpgroup register
-// budget (setmaxnreg: the copying warpgroup gives registers to the two that
-// multiply).
+// state space) and the per-warpgroup register budget (setmaxnreg: the
+// copying warpgroup gives registers to the two that multiply).
 
 KOKKOS_INLINE_FUNCTION void mbar_init(unsigned bar, unsigned count) {
 #if defined(HEXAMOE_WGMMA)
@@ -155,15 +154,6 @@ KOKKOS_INLINE_FUNCTION void mbar_init(unsigned bar, unsigned count) {
 KOKKOS_INLINE_FUNCTION void mbar_arrive(unsigned bar) {
 #if defined(HEXAMOE_WGMMA)
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
-#else
-  (void)bar;
-#endif
-}
-// Arrive once this thread's earlier cp.async copies have landed (the arrival
-// counts against the barrier's expected count, which is not raised).
-KOKKOS_INLINE_FUNCTION void mbar_arrive_cp_async(unsigned bar) {
-#if defined(HEXAMOE_WGMMA)
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 #else
   (void)bar;
 #endif
@@ -215,13 +205,6 @@ KOKKOS_INLINE_FUNCTION void mbar_wait(unsigned bar, unsigned parity) {
       : "memory");
 #else
   (void)bar, (void)parity;
-#endif
-}
-KOKKOS_INLINE_FUNCTION void named_barrier(unsigned id, unsigned threads) {
-#if defined(HEXAMOE_WGMMA)
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-#else
-  (void)id, (void)threads;
 #endif
 }
 template <int R>

@@ -573,8 +573,9 @@ TEST(ExpertOps, AsyncCopySettingIsChecked) {
 
 // The bf16 ESMM kernels on Hopper with sm_90a machine code: the
 // warp-specialized kernel (core/EsmmHopper.hpp) where A's rows are the
-// sorted positions (the default), also for gathered rows by cp.async or by
-// a tensor copy a row, and the team kernel (HEXAMOE_ESMM_WS=0). Elsewhere the settings change nothing: one run.
+// sorted positions (the default; gathered rows take the team kernel), and
+// the team kernel alone (HEXAMOE_ESMM_WS=0). Elsewhere the settings change
+// nothing: one run.
 struct WsSetting {
   bool on;
   detail::dev::WsGather gather;
@@ -585,8 +586,6 @@ std::vector<WsSetting> ws_settings() {
   if (!detail::dev::wgmma_in_use(Space()))
     return {{detail::dev::esmm_ws_enabled(), detail::dev::ws_gather(), "the backend's kernels"}};
   return {{true, WsGather::sort, "warp-specialized kernel for sorted rows (the default)"},
-          {true, WsGather::cp, "warp-specialized kernel, gathered rows by cp.async"},
-          {true, WsGather::tma, "warp-specialized kernel, gathered rows by tensor copies"},
           {false, WsGather::team, "team kernel (HEXAMOE_ESMM_WS=0)"}};
 }
 struct WsRestore {
@@ -621,10 +620,10 @@ TEST(ExpertOps, BFloat16AgainstFloat64Reference) {
 }
 TEST(ExpertOps, Float64AgainstFloat64Reference) { run_all<double>("double"); }
 
-// Many tiles a block, A's rows gathered through the index (cp.async) and
-// sorted (tensor copies): the warp-specialized kernel on 1, 2 and 5 blocks
-// (dev::ws_blocks_override), so that each block's stage ring of six wraps
-// many times, its two multiplying warpgroups alternate over many tiles, and
+// Many tiles a block, A's rows sorted: the warp-specialized kernel on 1, 2
+// and 5 blocks (dev::ws_blocks_override), so that each block's stage ring
+// of six and its ring of four tiles' information wrap many times, its two
+// multiplying warpgroups alternate over many tiles, and
 // tiles of K = 456 take eight stages (the last of 8 of 64 elements); the
 // last column tile is 8 wide, the last row tile of each expert partial. The
 // transposed ESMM reduces over N = 136 into 456 columns. Elsewhere (and for
@@ -650,17 +649,18 @@ TEST(ExpertOps, BFloat16ManyTilesAgainstFloat64Reference) {
   detail::dev::ws_blocks_override() = saved_blocks;
 }
 
-// The copy of gathered rows into sorted order (HEXAMOE_ESMM_WS_GATHER=sort):
+// The copy of gathered bf16 rows into sorted order (HEXAMOE_ESMM_WS_GATHER=
+// sort; the forward's index build makes it, forward_routed's this launch):
 // row p of the copy is x's row of the token of the assignment at position
 // p, exactly, with and without 16-byte vectors.
-TEST(ExpertOps, GatherSortedRowsCopiesEachAssignmentsRow) {
+TEST(ExpertOps, SortedRowCopyCopiesEachAssignmentsRow) {
   for (Shape const sh : {Shape{301, 2, 8, 40, 8, true}, Shape{97, 3, 4, 37, 8, false}}) {
     SCOPED_TRACE("K=" + std::to_string(sh.K));
     Problem<bfloat16> P(sh, 5);
     int const S = P.S(), K = sh.K;
     V2<bfloat16> out("out", S, K);
     test::poison<bfloat16>(out);
-    gather_sorted_rows(Space(), P.R, V2<bfloat16 const>(P.x_d), out);
+    detail::copy_sorted_rows(Space(), P.R, SortedRowCopy<bfloat16, Mem>{V2<bfloat16 const>(P.x_d), out});
     Vec const got = test::from_view(out), xr = test::rounded<bfloat16>(P.x);
     int bad = 0;
     for (int f = 0; f < S; ++f)
@@ -676,8 +676,6 @@ TEST(ExpertOps, WarpSpecializedSettingIsChecked) {
   EXPECT_FALSE(detail::dev::parse_esmm_ws("0"));
   using detail::dev::WsGather;
   EXPECT_EQ(detail::dev::parse_ws_gather(nullptr), WsGather::sort);
-  EXPECT_EQ(detail::dev::parse_ws_gather("tma"), WsGather::tma);
-  EXPECT_EQ(detail::dev::parse_ws_gather("cp"), WsGather::cp);
   EXPECT_EQ(detail::dev::parse_ws_gather("sort"), WsGather::sort);
   EXPECT_EQ(detail::dev::parse_ws_gather("team"), WsGather::team);
   // Any other value: an error that names the variable and the value.
