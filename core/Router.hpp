@@ -747,7 +747,7 @@ class Router {
     unsigned *done = teams_done_.data();
     std::size_t const pbytes = sizeof(float) * detail::router_mma_scratch_floats(Ep),
                       nbytes = sizeof(int) * detail::router_mma_scratch_ints(Ep);
-    auto pol = compat::light(policy(space, nparts, detail::router_mma_threads));
+    auto pol = compat::light(policy(space, nparts, detail::router_mma_team_threads));
     pol.set_scratch_size(0, Kokkos::PerTeam(pbytes + nbytes + 64));
     Kokkos::parallel_for(
         "hexamoe::router_forward_mma", pol, KOKKOS_LAMBDA(member const &team) {

@@ -1,8 +1,11 @@
 // RouterMma.hpp: the router's forward on CUDA tensor cores.
 //
-// A team of four warps takes 64 tokens, a warp 16 of them: logits = x Wr + br
-// with mma.sync m16n8k8 (tf32 operands, float32 accumulation; 8 experts per
-// n tile), then softmax, top-k and the gates within each quad of lanes that
+// A team of eight warps takes 64 tokens, warps w and w + 4 the same 16 of
+// them: logits = x Wr + br with mma.sync m16n8k8 (tf32 operands, float32
+// accumulation; 8 experts per n tile), warp w over the first half of d's
+// chunks of 32 columns and warp w + 4 over the second (twice the loads in
+// flight: the kernel waits on memory), the halves added in that order in
+// warp w; then softmax, top-k and the gates within each quad of lanes that
 // holds a token's logits (shuffles, no scratch), and the team's statistics
 // (sum_t p[t, e], assignments to e, sum_t lse^2) as one partial row per team;
 // the last team to finish adds the rows up into the losses. So no separate
@@ -36,15 +39,19 @@ namespace hexamoe {
 namespace detail {
 
 inline constexpr int router_mma_tokens = 64;        // per team: 4 warps x 16
-inline constexpr int router_mma_threads = 128;
+inline constexpr int router_mma_threads = 128;      // the warps that own tokens
+inline constexpr int router_mma_team_threads = 256;  // and as many again for the second half of d
 inline constexpr int router_mma_max_experts = 64;   // 8 n tiles of accumulators
 
-// Team scratch of the kernel: floats (the warps' statistics rows, then the
-// last team's partial sums, one per thread) and ints (likewise, plus the
-// last-team flag in the final slot).
+// Team scratch of the kernel: floats (the second half's accumulators, then
+// the warps' statistics rows, then the last team's partial sums, one per
+// thread) and ints (likewise, plus the last-team flag in the final slot).
 KOKKOS_INLINE_FUNCTION constexpr int router_mma_scratch_floats(int Ep) {
-  return (router_mma_threads / 32) * (Ep + 1) > router_mma_threads ? (router_mma_threads / 32) * (Ep + 1)
-                                                                    : router_mma_threads;
+  int const stats = (router_mma_threads / 32) * (Ep + 1) > router_mma_threads ? (router_mma_threads / 32) * (Ep + 1)
+                                                                             : router_mma_threads;
+  int const n = (Ep + 7) / 8, nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;  // router_mma_ntiles
+  int const accs = router_mma_threads * 4 * nt;                               // four floats a thread an n tile
+  return stats > accs ? stats : accs;
 }
 KOKKOS_INLINE_FUNCTION constexpr int router_mma_scratch_ints(int Ep) {
   return ((router_mma_threads / 32) * Ep > router_mma_threads ? (router_mma_threads / 32) * Ep : router_mma_threads) + 1;
@@ -212,18 +219,21 @@ KOKKOS_INLINE_FUNCTION void router_mma_team(Warp const &W, XView const &x, int T
                                             float zw, unsigned *done, float *shp, int *shn) {
   using S = std::remove_const_t<typename XView::value_type>;
   constexpr bool BF = std::is_same_v<S, bfloat16>;
-  int const tid = W.rank(), warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  int const tid = W.rank(), half = tid / router_mma_threads, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2,
+            t = lane & 3;
   int const c = W.league();
   int const r0 = c * router_mma_tokens + warp * 16 + g, r1 = r0 + 8;
   bool const ok0 = r0 < T_, ok1 = r1 < T_;
   int const dp = router_mma_cols(d), groups = dp / 8;
+  int const chunks = dp / 32, first = (chunks + 1) / 2;  // the first half's chunks of 32 columns
+  int const cbeg = half == 0 ? 0 : 32 * first, cend = half == 0 ? 32 * first : dp;
   float acc[NT][4];
   for (int n = 0; n < NT; ++n)
     for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
   unsigned const *wsp = ws.data();
   // Batches of CH chunks of 32 columns: every load of a batch issued first.
   constexpr int CH = BF ? 4 : 2;
-  for (int c0 = 0; c0 < dp; c0 += 32 * CH) {
+  for (int c0 = cbeg; c0 < cend; c0 += 32 * CH) {
     unsigned ah[CH][2][8], al[CH][2][8];
 HEXAMOE_UNROLL
     for (int h = 0; h < CH; ++h) {
@@ -234,7 +244,7 @@ HEXAMOE_UNROLL
 HEXAMOE_UNROLL
     for (int h = 0; h < CH; ++h) {
       int const cc = c0 + 32 * h;
-      if (cc >= dp) break;
+      if (cc >= cend) break;
 HEXAMOE_UNROLL
       for (int n = 0; n < NT; ++n) {
         struct alignas(16) U4 {
@@ -258,106 +268,121 @@ HEXAMOE_UNROLL
       }
     }
   }
-  // This thread's logits: rows r0 (acc[n][q]) and r1 (acc[n][2 + q]), experts 8n + 2t + q.
-  float m0 = -3.402823466e38f, m1 = -3.402823466e38f;
-  router_slots<NT>(t, [&](int n, int q, int e) {
-    if (e < E) {
-      float const be = b(e);
-      acc[n][q] += be;
-      acc[n][2 + q] += be;
-      m0 = acc[n][q] > m0 ? acc[n][q] : m0;
-      m1 = acc[n][2 + q] > m1 ? acc[n][2 + q] : m1;
-    }
-  });
-  for (int o = 1; o <= 2; o <<= 1) {
-    float const a0 = W.shfl_xor(m0, o), a1 = W.shfl_xor(m1, o);
-    m0 = a0 > m0 ? a0 : m0;
-    m1 = a1 > m1 ? a1 : m1;
+  // The second half's sums to the first (slot (4n + q) x 128 + thread: no
+  // bank conflicts), added after the first half's own: a fixed order.
+  {
+    int const lt = tid % router_mma_threads;
+    if (half == 1)
+      for (int n = 0; n < NT; ++n)
+        for (int q = 0; q < 4; ++q) shp[(4 * n + q) * router_mma_threads + lt] = acc[n][q];
+    W.barrier();
+    if (half == 0)
+      for (int n = 0; n < NT; ++n)
+        for (int q = 0; q < 4; ++q) acc[n][q] += shp[(4 * n + q) * router_mma_threads + lt];
+    W.barrier();  // (shp holds the statistics rows next)
   }
-  float s0 = 0.f, s1 = 0.f;
-  router_slots<NT>(t, [&](int n, int q, int e) {
-    float const v0 = e < E ? compat::exp(acc[n][q] - m0) : 0.f, v1 = e < E ? compat::exp(acc[n][2 + q] - m1) : 0.f;
-    acc[n][q] = v0;
-    acc[n][2 + q] = v1;
-    s0 += v0;
-    s1 += v1;
-  });
-  // Butterflies: every lane of the quad ends with the same sum.
-  s0 += W.shfl_xor(s0, 1);
-  s1 += W.shfl_xor(s1, 1);
-  s0 += W.shfl_xor(s0, 2);
-  s1 += W.shfl_xor(s1, 2);
-  float const lse0 = m0 + compat::log(s0), lse1 = m1 + compat::log(s1);
-  router_slots<NT>(t, [&](int n, int q, int e) {
-    acc[n][q] /= s0;
-    acc[n][2 + q] /= s1;
-    if (e < E) {
-      if (ok0) P(r0, e) = acc[n][q];
-      if (ok1) P(r1, e) = acc[n][2 + q];
-    }
-  });
-  if (t == 0) {
-    if (ok0) L(r0) = lse0;
-    if (ok1) L(r1) = lse1;
-  }
-  // Top-k by repeated selection over the quad: largest first, ties to the lower expert.
-  unsigned tk0 = 0u, tk1 = 0u;  // bit 2n + q: expert 8n + 2t + q taken
-  float z0 = 0.f, z1 = 0.f;
-  for (int j = 0; j < k; ++j) {
-    float v0 = -1.f, v1 = -1.f;
-    int e0 = -1, e1 = -1;
+  if (half == 0) {
+    // This thread's logits: rows r0 (acc[n][q]) and r1 (acc[n][2 + q]), experts 8n + 2t + q.
+    float m0 = -3.402823466e38f, m1 = -3.402823466e38f;
     router_slots<NT>(t, [&](int n, int q, int e) {
       if (e < E) {
-        if (!((tk0 >> (2 * n + q)) & 1u) && (e0 < 0 || acc[n][q] > v0)) v0 = acc[n][q], e0 = e;
-        if (!((tk1 >> (2 * n + q)) & 1u) && (e1 < 0 || acc[n][2 + q] > v1)) v1 = acc[n][2 + q], e1 = e;
+        float const be = b(e);
+        acc[n][q] += be;
+        acc[n][2 + q] += be;
+        m0 = acc[n][q] > m0 ? acc[n][q] : m0;
+        m1 = acc[n][2 + q] > m1 ? acc[n][2 + q] : m1;
       }
     });
     for (int o = 1; o <= 2; o <<= 1) {
-      float const ov0 = W.shfl_xor(v0, o), ov1 = W.shfl_xor(v1, o);
-      int const oe0 = W.shfl_xor(e0, o), oe1 = W.shfl_xor(e1, o);
-      if (oe0 >= 0 && (e0 < 0 || ov0 > v0 || (ov0 == v0 && oe0 < e0))) v0 = ov0, e0 = oe0;
-      if (oe1 >= 0 && (e1 < 0 || ov1 > v1 || (ov1 == v1 && oe1 < e1))) v1 = ov1, e1 = oe1;
+      float const a0 = W.shfl_xor(m0, o), a1 = W.shfl_xor(m1, o);
+      m0 = a0 > m0 ? a0 : m0;
+      m1 = a1 > m1 ? a1 : m1;
     }
-    if (((e0 & 7) >> 1) == t) tk0 |= 1u << (2 * (e0 >> 3) + (e0 & 1));
-    if (((e1 & 7) >> 1) == t) tk1 |= 1u << (2 * (e1 >> 3) + (e1 & 1));
-    z0 += v0;
-    z1 += v1;
-    if (t == 0) {
-      if (ok0) I(r0, j) = e0, G(std::size_t(r0) * k + j) = v0;
-      if (ok1) I(r1, j) = e1, G(std::size_t(r1) * k + j) = v1;
-    }
-  }
-  if (renorm && t == 0)
-    for (int j = 0; j < k; ++j) {
-      if (ok0) G(std::size_t(r0) * k + j) = G(std::size_t(r0) * k + j) / z0;
-      if (ok1) G(std::size_t(r1) * k + j) = G(std::size_t(r1) * k + j) / z1;
-    }
-  // The warp's statistics: both rows, then butterflies over the 8 row groups.
-  float ps[NT][2];
-  int pn[NT][2];
-  router_slots<NT>(t, [&](int n, int q, int) {
-    ps[n][q] = (ok0 ? acc[n][q] : 0.f) + (ok1 ? acc[n][2 + q] : 0.f);
-    pn[n][q] = (ok0 && ((tk0 >> (2 * n + q)) & 1u) ? 1 : 0) + (ok1 && ((tk1 >> (2 * n + q)) & 1u) ? 1 : 0);
-  });
-  float zz = (ok0 ? lse0 * lse0 : 0.f) + (ok1 ? lse1 * lse1 : 0.f);
-  for (int o = 4; o <= 16; o <<= 1) {
-    router_slots<NT>(t, [&](int n, int q, int) {
-      ps[n][q] += W.shfl_xor(ps[n][q], o);
-      pn[n][q] += W.shfl_xor(pn[n][q], o);
-    });
-    zz += W.shfl_xor(zz, o);
-  }
-  if (g == 0) {
+    float s0 = 0.f, s1 = 0.f;
     router_slots<NT>(t, [&](int n, int q, int e) {
-      if (e < Ep) {
-        shp[warp * (Ep + 1) + e] = ps[n][q];
-        shn[warp * Ep + e] = pn[n][q];
+      float const v0 = e < E ? compat::exp(acc[n][q] - m0) : 0.f, v1 = e < E ? compat::exp(acc[n][2 + q] - m1) : 0.f;
+      acc[n][q] = v0;
+      acc[n][2 + q] = v1;
+      s0 += v0;
+      s1 += v1;
+    });
+    // Butterflies: every lane of the quad ends with the same sum.
+    s0 += W.shfl_xor(s0, 1);
+    s1 += W.shfl_xor(s1, 1);
+    s0 += W.shfl_xor(s0, 2);
+    s1 += W.shfl_xor(s1, 2);
+    float const lse0 = m0 + compat::log(s0), lse1 = m1 + compat::log(s1);
+    router_slots<NT>(t, [&](int n, int q, int e) {
+      acc[n][q] /= s0;
+      acc[n][2 + q] /= s1;
+      if (e < E) {
+        if (ok0) P(r0, e) = acc[n][q];
+        if (ok1) P(r1, e) = acc[n][2 + q];
       }
     });
-    if (t == 0) shp[warp * (Ep + 1) + Ep] = zz;
-  }
+    if (t == 0) {
+      if (ok0) L(r0) = lse0;
+      if (ok1) L(r1) = lse1;
+    }
+    // Top-k by repeated selection over the quad: largest first, ties to the lower expert.
+    unsigned tk0 = 0u, tk1 = 0u;  // bit 2n + q: expert 8n + 2t + q taken
+    float z0 = 0.f, z1 = 0.f;
+    for (int j = 0; j < k; ++j) {
+      float v0 = -1.f, v1 = -1.f;
+      int e0 = -1, e1 = -1;
+      router_slots<NT>(t, [&](int n, int q, int e) {
+        if (e < E) {
+          if (!((tk0 >> (2 * n + q)) & 1u) && (e0 < 0 || acc[n][q] > v0)) v0 = acc[n][q], e0 = e;
+          if (!((tk1 >> (2 * n + q)) & 1u) && (e1 < 0 || acc[n][2 + q] > v1)) v1 = acc[n][2 + q], e1 = e;
+        }
+      });
+      for (int o = 1; o <= 2; o <<= 1) {
+        float const ov0 = W.shfl_xor(v0, o), ov1 = W.shfl_xor(v1, o);
+        int const oe0 = W.shfl_xor(e0, o), oe1 = W.shfl_xor(e1, o);
+        if (oe0 >= 0 && (e0 < 0 || ov0 > v0 || (ov0 == v0 && oe0 < e0))) v0 = ov0, e0 = oe0;
+        if (oe1 >= 0 && (e1 < 0 || ov1 > v1 || (ov1 == v1 && oe1 < e1))) v1 = ov1, e1 = oe1;
+      }
+      if (((e0 & 7) >> 1) == t) tk0 |= 1u << (2 * (e0 >> 3) + (e0 & 1));
+      if (((e1 & 7) >> 1) == t) tk1 |= 1u << (2 * (e1 >> 3) + (e1 & 1));
+      z0 += v0;
+      z1 += v1;
+      if (t == 0) {
+        if (ok0) I(r0, j) = e0, G(std::size_t(r0) * k + j) = v0;
+        if (ok1) I(r1, j) = e1, G(std::size_t(r1) * k + j) = v1;
+      }
+    }
+    if (renorm && t == 0)
+      for (int j = 0; j < k; ++j) {
+        if (ok0) G(std::size_t(r0) * k + j) = G(std::size_t(r0) * k + j) / z0;
+        if (ok1) G(std::size_t(r1) * k + j) = G(std::size_t(r1) * k + j) / z1;
+      }
+    // The warp's statistics: both rows, then butterflies over the 8 row groups.
+    float ps[NT][2];
+    int pn[NT][2];
+    router_slots<NT>(t, [&](int n, int q, int) {
+      ps[n][q] = (ok0 ? acc[n][q] : 0.f) + (ok1 ? acc[n][2 + q] : 0.f);
+      pn[n][q] = (ok0 && ((tk0 >> (2 * n + q)) & 1u) ? 1 : 0) + (ok1 && ((tk1 >> (2 * n + q)) & 1u) ? 1 : 0);
+    });
+    float zz = (ok0 ? lse0 * lse0 : 0.f) + (ok1 ? lse1 * lse1 : 0.f);
+    for (int o = 4; o <= 16; o <<= 1) {
+      router_slots<NT>(t, [&](int n, int q, int) {
+        ps[n][q] += W.shfl_xor(ps[n][q], o);
+        pn[n][q] += W.shfl_xor(pn[n][q], o);
+      });
+      zz += W.shfl_xor(zz, o);
+    }
+    if (g == 0) {
+      router_slots<NT>(t, [&](int n, int q, int e) {
+        if (e < Ep) {
+          shp[warp * (Ep + 1) + e] = ps[n][q];
+          shn[warp * Ep + e] = pn[n][q];
+        }
+      });
+      if (t == 0) shp[warp * (Ep + 1) + Ep] = zz;
+    }
+  }  // (the first half's warps)
   W.barrier();
-  for (int e = tid; e < Ep + 1; e += router_mma_threads) {
+  for (int e = tid; e < Ep + 1 && tid < router_mma_threads; e += router_mma_threads) {
     float s = 0.f;
     int m = 0;
     for (int w = 0; w < router_mma_threads / 32; ++w) {

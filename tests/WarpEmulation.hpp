@@ -1,5 +1,5 @@
-// WarpEmulation.hpp: a host emulation of one CUDA team of 128 threads (four
-// warps) for kernels written against the warp operations of
+// WarpEmulation.hpp: a host emulation of one CUDA team of 256 threads (eight
+// warps, the router's tensor-core team) for kernels written against the warp operations of
 // core/RouterMma.hpp (rank, league, barrier, fence, atomic_inc, load_cg, shfl_xor, mma
 // m16n8k8 tf32), so
 // that tests check the tensor-core kernel's fragment layouts, shuffles and
@@ -9,6 +9,8 @@
 // hardware does (the top 19 bits of each 32-bit pattern); products of tf32
 // values are exact in float, summed in k order onto the accumulator.
 #pragma once
+
+#include "core/RouterMma.hpp"
 
 #include <atomic>
 #include <condition_variable>
@@ -50,7 +52,7 @@ struct EmuWarp {
 };
 
 struct EmuTeam {
-  static constexpr int threads = 128;
+  static constexpr int threads = detail::router_mma_team_threads;
   EmuBarrier bar{threads};
   EmuWarp warp[threads / 32];
 };
@@ -120,7 +122,7 @@ struct EmuWarpOps {
 
 // body(ops) for every league rank c < league, teams one after another in
 // reverse order (the last to finish is rank 0, as a GPU may order them),
-// each on 128 lane threads. Teams never overlap here, so what orders one
+// each on 256 lane threads. Teams never overlap here, so what orders one
 // team's writes before another's reads (fences, the counter) is checked on
 // GPUs only.
 template <class Body>
