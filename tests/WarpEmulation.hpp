@@ -1,9 +1,9 @@
 // WarpEmulation.hpp: a host emulation of one CUDA team of 256 threads (eight
-// warps, the router's tensor-core team) for kernels written against the warp operations of
-// core/RouterMma.hpp (rank, league, barrier, fence, atomic_inc, load_cg, shfl_xor, mma
-// m16n8k8 tf32), so
-// that tests check the tensor-core kernel's fragment layouts, shuffles and
-// reductions without a GPU. One std::thread per lane; every exchange is a
+// warps, the router's tensor-core team) for kernels written against the warp
+// operations of core/RouterMma.hpp (rank, league, barrier, fence,
+// atomic_inc, load_cg, shfl_xor, mma m16n8k8 tf32), so that tests check the
+// tensor-core kernel's fragment layouts, shuffles and reductions without a
+// GPU. One std::thread per lane; every exchange is a
 // barrier. The mma follows the PTX ISA's fragment layouts for
 // mma.m16n8k8.row.col.f32.tf32.tf32.f32 and reads its operands as the
 // hardware does (the top 19 bits of each 32-bit pattern); products of tf32
